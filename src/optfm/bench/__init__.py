@@ -1,0 +1,25 @@
+"""Performance benchmarks: cost ratios against a baseline measured in the same process.
+
+Importing this package registers every benchmark; ``optfm bench NAME|all`` runs them.
+"""
+
+from optfm.bench import digits  # noqa: F401  (registers the benchmark)
+from optfm.bench.core import (
+    BenchRow,
+    UnknownBenchmarkError,
+    benchmark_names,
+    format_table,
+    get_benchmark,
+    register_benchmark,
+    time_pair,
+)
+
+__all__ = [
+    "BenchRow",
+    "UnknownBenchmarkError",
+    "benchmark_names",
+    "format_table",
+    "get_benchmark",
+    "register_benchmark",
+    "time_pair",
+]

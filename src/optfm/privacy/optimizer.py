@@ -1,0 +1,144 @@
+"""The DP optimizer behind :func:`optfm.privacy.make_private`: Opacus's ``DPOptimizer`` plus a
+filter on the privatized gradient and the DP-NSGD normalisation.
+
+Order of one step (every privacy-relevant operation is Opacus's own)::
+
+    [DiSK: evaluate at x + γd, then at x, combining per-sample gradients]
+    per-sample clip (or normalise)  ->  sum  ->  + N(0, σ²C²)  ->  / expected batch   (Opacus)
+    [distributed: all-reduce]        ->  filter (sees only the noised gradient)  ->  base step
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.ddpoptimizer import DistributedDPOptimizer
+from opacus.optimizers.optimizer import _mark_as_processed
+
+from optfm.privacy.disk import KalmanFilter, combine_two_point_grad_samples
+from optfm.privacy.doppler import LowPassFilter
+
+__all__ = ["DistributedPrivateOptimizer", "PrivacyBudgetExhaustedError", "PrivateOptimizer"]
+
+Filter = LowPassFilter | KalmanFilter
+
+
+class PrivacyBudgetExhaustedError(RuntimeError):
+    """Raised before a step that would spend more than the privacy budget."""
+
+
+class _PrivateMixin:
+    """Shared by the single-process and distributed optimizers (mixed into Opacus's classes)."""
+
+    filter: Filter | None
+    normalize: bool
+    normalize_r: float
+    _per_sample_hooks: list[Callable[[Any], None]]
+    _before_step: Callable[[], bool] | None
+
+    def _init_private(self, filter: Filter | None, normalize: bool, normalize_r: float) -> None:
+        if filter is not None and not isinstance(filter, (LowPassFilter, KalmanFilter)):
+            raise TypeError(f"filter must be None, a LowPassFilter or a KalmanFilter, got {type(filter).__name__}")
+        if normalize_r <= 0:
+            raise ValueError(f"normalize_r must be > 0, got {normalize_r}")
+        self.filter = filter
+        self.normalize = bool(normalize)
+        self.normalize_r = float(normalize_r)
+        self._per_sample_hooks = []
+        self._before_step = None
+
+    def add_per_sample_hook(self, fn: Callable[[Any], None]) -> None:
+        """``fn(optimizer)`` runs right before clipping, when ``p.grad_sample`` holds this step's
+        (combined) per-sample gradients; it may change them (the privacy audit inserts canaries).
+        """
+        self._per_sample_hooks.append(fn)
+
+    def clip_and_accumulate(self) -> None:
+        for fn in self._per_sample_hooks:
+            fn(self)
+        if not self.normalize:
+            return super().clip_and_accumulate()
+        # DP-NSGD: every per-sample gradient becomes C g / (||g|| + r): norm < C, so the
+        # sensitivity and the calibrated noise σC are unchanged.
+        norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples],
+                            dim=1).norm(2, dim=1)
+        factor = self.max_grad_norm / (norms + self.normalize_r)
+        for p in self.params:
+            gs = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factor.to(gs.device, p.dtype), gs)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    def _reduce(self) -> None:
+        """All-reduce the noised gradients (distributed subclass only)."""
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.params if p.requires_grad]
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self._before_step is not None and not self._before_step():
+            return None
+        filt = self.filter
+        params = self._trainable()
+        loss = None
+        if isinstance(filt, KalmanFilter) and filt.c != 0.0:
+            if closure is None:
+                raise ValueError("DiSK evaluates gradients at two points: call optimizer.step(closure) "
+                                 "with a closure that zeroes gradients, runs forward and backward "
+                                 "and returns the loss (as for torch.optim.LBFGS)")
+            c = filt.c
+            x_t = [p.detach().clone() for p in params]  # transient: exact restore of x_t
+            filt.extrapolate_(params)
+            with torch.enable_grad():
+                loss = closure()                      # per-sample gradients at x_t + γ d_t
+            with torch.no_grad():
+                for p, x in zip(params, x_t):
+                    p.copy_(x)
+            del x_t
+            if c != 1.0:
+                def second() -> Any:
+                    with torch.enable_grad():
+                        return closure()              # at x_t, accumulated into c·G_first
+                loss = combine_two_point_grad_samples(params, c, second)
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.pre_step():  # clip once, noise once, scale; accountant hook
+            return loss
+        self._reduce()
+        grads = [p.grad for p in params]
+        if isinstance(filt, KalmanFilter):
+            filt.step(grads)
+            filt.before_update(params)
+            self.original_optimizer.step()
+            filt.after_update(params)
+        else:
+            if filt is not None:
+                filt.step(grads)
+            self.original_optimizer.step()
+        return loss
+
+
+class PrivateOptimizer(_PrivateMixin, DPOptimizer):
+    """Opacus ``DPOptimizer`` with an optional DOPPLER/DiSK filter and DP-NSGD normalisation."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, filter: Filter | None = None,
+                 normalize: bool = False, normalize_r: float = 0.01, **dp_kwargs: Any) -> None:
+        super().__init__(optimizer, **dp_kwargs)
+        self._init_private(filter, normalize, normalize_r)
+
+
+class DistributedPrivateOptimizer(_PrivateMixin, DistributedDPOptimizer):
+    """The same under DDP: noise is added on rank 0, gradients are all-reduced, then every rank
+    applies the same filter to the same averaged noised gradient."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, filter: Filter | None = None,
+                 normalize: bool = False, normalize_r: float = 0.01, **dp_kwargs: Any) -> None:
+        super().__init__(optimizer, **dp_kwargs)
+        self._init_private(filter, normalize, normalize_r)
+
+    def _reduce(self) -> None:
+        self.reduce_gradients()

@@ -15,7 +15,6 @@ from optfm.privacy import (
 )
 
 
-
 def _data(n=256, d=6, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)

@@ -344,3 +344,23 @@ def test_resume_from_engine_state_is_exact(filt, tmp_path):
     for a, b in zip(ref, _params(model2)):
         assert torch.equal(a, b)
     assert eng2.steps == 7
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("filt", [None, "a9b1", "disk"])
+def test_any_torch_optimizer_trains(opt_cls, filt):
+    f = {None: None, "a9b1": LowPassFilter.preset("a9b1"), "disk": KalmanFilter(0.7, 0.5)}[filt]
+    torch.manual_seed(0)
+    x = torch.randn(512, 6)
+    y = (x[:, 0] > 0).long()
+    model = _model(0, k=2)
+    opt = opt_cls(model.parameters(), lr=0.05 if opt_cls is torch.optim.SGD else 0.01)
+    model, opt, loader, eng = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=64),
+                                           target_epsilon=8.0, steps=80, filter=f)
+    with torch.no_grad():
+        before = nn.functional.cross_entropy(model(x), y).item()
+    _train(model, opt, loader, 80)
+    with torch.no_grad():
+        after = nn.functional.cross_entropy(model(x), y).item()
+    assert after < 0.7 * before
+    assert 0 < eng.epsilon() <= 8.0

@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,13 @@ __all__ = [
     "resume_run",
     "run_experiment",
 ]
+
+# Third-party warnings that fire on every step of correct code and would bury a run's log.
+_HARMLESS_WARNINGS = (
+    "Full backward hook is firing",          # Opacus hooks on a first layer whose input needs no grad
+    "Optimal order is the largest alpha",    # Opacus's RDP order grid, at large noise
+    "Secure RNG turned off",                 # Opacus; experiments seed their generators on purpose
+)
 
 _LIBRARIES = ("optfm", "torch", "numpy", "scipy", "scikit-learn", "transformers", "diffusers",
               "tokenizers", "safetensors", "opacus", "matplotlib")
@@ -178,7 +186,9 @@ def _execute(exp_cls: type[Experiment], cfg: ExperimentConfig, run_dir: Path, pr
     arms_dir.mkdir(exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
-    with limit_threads(cfg.threads or None):
+    with limit_threads(cfg.threads or None), warnings.catch_warnings():
+        for msg in _HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=msg)
         threads = thread_settings()
         done = 0
         bar = progress(total=len(arms), desc=exp_cls.name, unit="arm")

@@ -10,7 +10,12 @@
 
 from optfm.privacy.disk import KalmanFilter
 from optfm.privacy.doppler import PRESETS, LowPassFilter
-from optfm.privacy.engine import PrivateEngine, epsilon_for, make_private
+from optfm.privacy.engine import (
+    PrivateEngine,
+    calibrate_noise_multiplier,
+    epsilon_for,
+    make_private,
+)
 from optfm.privacy.optimizer import (
     DistributedPrivateOptimizer,
     PrivacyBudgetExhaustedError,
@@ -25,6 +30,7 @@ __all__ = [
     "PrivacyBudgetExhaustedError",
     "PrivateEngine",
     "PrivateOptimizer",
+    "calibrate_noise_multiplier",
     "epsilon_for",
     "make_private",
 ]

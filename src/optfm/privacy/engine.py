@@ -10,6 +10,7 @@ runs after the noise and is post-processing: ε does not depend on it.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from optfm.privacy.optimizer import (
     PrivateOptimizer,
 )
 
-__all__ = ["PrivateEngine", "epsilon_for", "make_private"]
+__all__ = ["PrivateEngine", "calibrate_noise_multiplier", "epsilon_for", "make_private"]
 
 _ACCOUNTANTS = ("prv", "rdp")
 
@@ -35,6 +36,22 @@ def _new_accountant(name: str):
     from opacus.accountants import create_accountant
 
     return create_accountant(mechanism=name)
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate: float, *,
+                               epochs: int | None = None, steps: int | None = None,
+                               accountant: str = "prv") -> float:
+    """σ that spends exactly ``target_epsilon`` at ``target_delta`` (Opacus's
+    ``get_noise_multiplier``, tolerance 0.01). Cached: calibration with the PRV accountant takes
+    about a second, and sweeps ask for the same σ many times."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+            epochs=epochs, steps=steps, accountant=accountant))
 
 
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
@@ -163,7 +180,6 @@ def make_private(
     ``optimizer.step(closure)``), the Poisson-sampling loader, and a :class:`PrivateEngine`.
     """
     from opacus import PrivacyEngine
-    from opacus.accountants.utils import get_noise_multiplier
     from opacus.optimizers.ddpoptimizer import DistributedDPOptimizer
 
     if accountant not in _ACCOUNTANTS:
@@ -198,9 +214,8 @@ def make_private(
     if noise_multiplier is None:
         if epochs is None and steps is None:
             raise ValueError("calibrating σ from target_epsilon needs epochs or steps")
-        sigma = float(get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-            epochs=epochs, steps=steps, accountant=accountant))
+        sigma = calibrate_noise_multiplier(float(target_epsilon), float(target_delta), sample_rate,
+                                           epochs=epochs, steps=steps, accountant=accountant)
     else:
         sigma = float(noise_multiplier)
 

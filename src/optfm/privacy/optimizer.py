@@ -37,6 +37,7 @@ class _PrivateMixin:
     normalize: bool
     normalize_r: float
     _per_sample_hooks: list[Callable[[Any], None]]
+    _privatized_hooks: list[Callable[[list[torch.Tensor]], None]]
     _before_step: Callable[[], bool] | None
 
     def _init_private(self, filter: Filter | None, normalize: bool, normalize_r: float) -> None:
@@ -48,6 +49,7 @@ class _PrivateMixin:
         self.normalize = bool(normalize)
         self.normalize_r = float(normalize_r)
         self._per_sample_hooks = []
+        self._privatized_hooks = []
         self._before_step = None
 
     def add_per_sample_hook(self, fn: Callable[[Any], None]) -> None:
@@ -55,6 +57,12 @@ class _PrivateMixin:
         (combined) per-sample gradients; it may change them (the privacy audit inserts canaries).
         """
         self._per_sample_hooks.append(fn)
+
+    def add_privatized_grad_hook(self, fn: Callable[[list[torch.Tensor]], None]) -> None:
+        """``fn(grads)`` sees the privatized gradient g̃_t (after noise and, under DDP, the
+        all-reduce) right before the filter; for logging and analysis. It must not modify them.
+        """
+        self._privatized_hooks.append(fn)
 
     def clip_and_accumulate(self) -> None:
         for fn in self._per_sample_hooks:
@@ -110,6 +118,8 @@ class _PrivateMixin:
             return loss
         self._reduce()
         grads = [p.grad for p in params]
+        for fn in self._privatized_hooks:
+            fn(grads)
         if isinstance(filt, KalmanFilter):
             filt.step(grads)
             filt.before_update(params)

@@ -145,7 +145,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from optfm.bench import benchmark_names, format_table, get_benchmark
+    from optfm.bench import benchmark_names, format_table, get_benchmark, steady_allocator
     from optfm.training import limit_threads, thread_settings
     from optfm.training.io import atomic_write_json
 
@@ -156,6 +156,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     rows = []
+    steady_allocator()  # no page-fault noise from glibc trimming between timed steps
     with limit_threads(args.threads):
         settings = thread_settings()
         print("threads: " + ", ".join(f"{k}={v}" for k, v in settings.items()))

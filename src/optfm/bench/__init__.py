@@ -3,7 +3,7 @@
 Importing this package registers every benchmark; ``optfm bench NAME|all`` runs them.
 """
 
-from optfm.bench import digits  # noqa: F401  (registers the benchmark)
+from optfm.bench import digits, privacy  # noqa: F401  (registers the benchmarks)
 from optfm.bench.core import (
     BenchRow,
     UnknownBenchmarkError,
@@ -11,6 +11,7 @@ from optfm.bench.core import (
     format_table,
     get_benchmark,
     register_benchmark,
+    steady_allocator,
     time_pair,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "format_table",
     "get_benchmark",
     "register_benchmark",
+    "steady_allocator",
     "time_pair",
 ]

@@ -115,7 +115,7 @@ class KalmanFilter:
     def after_update(self, params: Sequence[torch.Tensor]) -> None:
         """``d = x_{t+1} - x_t``."""
         for d, p in zip(self._d, params):
-            d.neg_().add_(p)
+            torch.sub(p, d, out=d)
 
     def buffers(self) -> list[torch.Tensor]:
         """The persistent state tensors (m and d: two per parameter tensor)."""

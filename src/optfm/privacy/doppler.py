@@ -131,6 +131,14 @@ class LowPassFilter:
         elif len(grads) != len(self._m):
             raise ValueError(f"filter state holds {len(self._m)} tensors, got {len(grads)}")
         c_t = self._next_c()
+        if self.n_a == 1 and self.n_b == 0:  # first order (a9b1): update m in its own buffer
+            a1, b0 = self.a[1], self.b[0]
+            for g, (m,) in zip(grads, self._m):
+                m.mul_(-a1).add_(g, alpha=b0)
+                torch.div(m, c_t, out=g)
+            self._c_hist = [c_t]
+            self.t += 1
+            return
         for g, past_m, past_g in zip(grads, self._m, self._g):
             m = g * self.b[0]
             for tau, gp in enumerate(past_g, start=1):

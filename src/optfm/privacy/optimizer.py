@@ -98,13 +98,18 @@ class _PrivateMixin:
                                  "with a closure that zeroes gradients, runs forward and backward "
                                  "and returns the loss (as for torch.optim.LBFGS)")
             c = filt.c
-            x_t = [p.detach().clone() for p in params]  # transient: exact restore of x_t
+            # Low-precision parameters keep a transient copy of x_t for an exact return; fp32/fp64
+            # step back by -γd in place (no parameter-sized copy; error ~1 ulp of γd).
+            x_t = [p.detach().clone() if p.dtype not in (torch.float32, torch.float64) else None
+                   for p in params]
             filt.extrapolate_(params)
             with torch.enable_grad():
                 loss = closure()                      # per-sample gradients at x_t + γ d_t
+            filt.extrapolate_(params, sign=-1.0)
             with torch.no_grad():
                 for p, x in zip(params, x_t):
-                    p.copy_(x)
+                    if x is not None:
+                        p.copy_(x)
             del x_t
             if c != 1.0:
                 def second() -> Any:

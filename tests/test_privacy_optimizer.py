@@ -364,3 +364,15 @@ def test_any_torch_optimizer_trains(opt_cls, filt):
         after = nn.functional.cross_entropy(model(x), y).item()
     assert after < 0.7 * before
     assert 0 < eng.epsilon() <= 8.0
+
+
+def test_no_noise_reports_infinite_epsilon():
+    model, opt, loader, eng = _setup(None, sigma=0.0, C=1.0)
+    _train(model, opt, loader, 2)
+    assert eng.epsilon() == float("inf")
+    assert epsilon_for(0.0, 0.1, 5, 1e-5) == float("inf")
+    model, opt, loader, eng = _setup(None, sigma=0.0, C=1.0, target_epsilon=1.0,
+                                     on_budget_exhausted="raise")
+    assert eng.max_steps == 0
+    with pytest.raises(PrivacyBudgetExhaustedError):
+        _train(model, opt, loader, 1)

@@ -59,6 +59,8 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     """ε after ``steps`` steps of the subsampled Gaussian mechanism (Opacus's accountant)."""
     if steps == 0:
         return 0.0
+    if noise_multiplier == 0:
+        return math.inf
     acc = _new_accountant(accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     return float(acc.get_epsilon(delta=delta))
@@ -96,6 +98,8 @@ class PrivateEngine:
             raise ValueError(f"delta must be in (0, 1), got {d}")
         if self.steps == 0:
             return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf  # no noise: no privacy (the PRV accountant would overflow here)
         return float(self.accountant.get_epsilon(delta=d))
 
     def _budget_allows_step(self) -> bool:
@@ -128,6 +132,8 @@ class PrivateEngine:
 
 def _max_steps(sigma: float, q: float, eps: float, delta: float, accountant: str) -> int:
     """Largest T with ε(σ, q, T) <= eps (binary search over the accountant)."""
+    if sigma == 0:
+        return 0
     if epsilon_for(sigma, q, 1, delta, accountant) > eps:
         return 0
     lo, hi = 1, 2
@@ -207,6 +213,8 @@ def make_private(
         raise ValueError(f"grad_sample_mode must be 'hooks', 'functorch' or 'ew' here, got {grad_sample_mode!r}"
                          " (ghost clipping needs its own criterion and is not supported by the filters)")
 
+    for name, p in model.named_parameters():  # lets errors name the parameter
+        p._optfm_name = name
     n_batches = len(data_loader)
     if n_batches == 0:
         raise ValueError("data_loader is empty")

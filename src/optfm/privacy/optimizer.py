@@ -64,7 +64,21 @@ class _PrivateMixin:
         """
         self._privatized_hooks.append(fn)
 
+    def _check_batch_dims(self) -> None:
+        sizes = [len(g) for g in self.grad_samples]
+        if len(set(sizes)) > 1:
+            common = max(set(sizes), key=sizes.count)
+            odd = next(i for i, s in enumerate(sizes) if s != common)
+            p = self.params[odd]
+            name = getattr(p, "_optfm_name", f"parameter #{odd} {tuple(p.shape)}")
+            raise ValueError(
+                f"per-sample gradients disagree on the batch size: {name} has {sizes[odd]}, the "
+                f"others {common}. An input of that layer is shared across the batch (e.g. "
+                "transformers' default position_ids of shape (1, L)); pass per-sample inputs "
+                "(position_ids=torch.arange(L).expand(B, L)) or freeze that parameter")
+
     def clip_and_accumulate(self) -> None:
+        self._check_batch_dims()
         for fn in self._per_sample_hooks:
             fn(self)
         if not self.normalize:

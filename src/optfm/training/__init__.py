@@ -11,6 +11,7 @@ from optfm.training.io import (
     to_jsonable,
 )
 from optfm.training.loop import accuracy, minibatch_indices
+from optfm.training.memory import peak_rss_bytes, saved_activation_bytes
 from optfm.training.metrics import MetricLogger, read_jsonl
 from optfm.training.progress import is_quiet, progress, set_quiet
 from optfm.training.seed import make_generator, seed_everything
@@ -30,11 +31,13 @@ __all__ = [
     "load_checkpoint",
     "make_generator",
     "minibatch_indices",
+    "peak_rss_bytes",
     "progress",
     "read_json",
     "read_jsonl",
     "resolve_device",
     "save_checkpoint",
+    "saved_activation_bytes",
     "seed_everything",
     "set_quiet",
     "thread_settings",

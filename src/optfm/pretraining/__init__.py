@@ -1,7 +1,16 @@
-"""Memory-efficient pretraining: SLTrain sparse + low-rank layers (``pretraining/sltrain.py``) and
-the pure low-rank baseline (``pretraining/lowrank.py``). See ``specs/pretraining.md``."""
+"""Memory-efficient pretraining: SLTrain sparse + low-rank layers (``pretraining/sltrain.py``), the
+pure low-rank baseline (``pretraining/lowrank.py``), the pretraining recipe (``recipe.py``) and
+exact memory accounting (``memory.py``). See ``specs/pretraining.md``."""
 
 from optfm.pretraining.lowrank import LowRankLinear, apply_lowrank
+from optfm.pretraining.memory import (
+    LLAMA_SIZES,
+    module_static_bytes,
+    optimizer_state_bytes,
+    parameter_breakdown,
+    paper_scale_table,
+    static_memory_bytes,
+)
 from optfm.pretraining.recipe import (
     PretrainConfig,
     build_optimizer,
@@ -20,6 +29,7 @@ from optfm.pretraining.sltrain import (
 )
 
 __all__ = [
+    "LLAMA_SIZES",
     "LLAMA_TARGET_MODULES",
     "LowRankLinear",
     "PretrainConfig",
@@ -31,7 +41,12 @@ __all__ = [
     "build_optimizer",
     "evaluate",
     "merge_sltrain",
+    "module_static_bytes",
+    "optimizer_state_bytes",
+    "paper_scale_table",
+    "parameter_breakdown",
     "pretrain",
     "random_support",
+    "static_memory_bytes",
     "warmup_cosine",
 ]

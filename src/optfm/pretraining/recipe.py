@@ -94,7 +94,7 @@ def build_optimizer(model: nn.Module, name: str = "adamw", *, lr: float, weight_
     groups = [{"params": rest},
               {"params": low, "rank": galore_rank, "update_proj_gap": galore_update_proj_gap,
                "scale": galore_scale, "proj_type": "std"}]
-    return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas)
+    return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, no_deprecation_warning=True)
 
 
 @torch.no_grad()

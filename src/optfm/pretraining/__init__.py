@@ -7,8 +7,8 @@ from optfm.pretraining.memory import (
     LLAMA_SIZES,
     module_static_bytes,
     optimizer_state_bytes,
-    parameter_breakdown,
     paper_scale_table,
+    parameter_breakdown,
     static_memory_bytes,
 )
 from optfm.pretraining.recipe import (

@@ -147,7 +147,11 @@ def pretrain(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
         scheduler.step()
         train_time += time.perf_counter() - t0
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            rec = {"step": step, "train_loss": loss.item(), "grad_norm": grad_norm,
+            train_loss = loss.detach().clone()
+            if world_size > 1:  # log the global-batch loss, the same on every rank
+                torch.distributed.all_reduce(train_loss)
+                train_loss /= world_size
+            rec = {"step": step, "train_loss": train_loss.item(), "grad_norm": grad_norm,
                    "lr": scheduler.get_last_lr()[0], **evaluate(model, val_tokens, cfg, device)}
             history.append(rec)
             if on_eval is not None:

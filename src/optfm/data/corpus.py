@@ -145,14 +145,19 @@ def python_stdlib_corpus(*, val_fraction: float = 0.1, root: str | os.PathLike |
 
 def sample_lm_batch(tokens: torch.Tensor | np.ndarray, batch_size: int, block_size: int, *,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows for next-token prediction: ``x = t[i:i+L]``, ``y = t[i+1:i+L+1]``."""
+    """Random windows for next-token prediction: ``x = t[i:i+L]``, ``y = t[i+1:i+L+1]``.
+
+    ``tokens`` may be a tensor or a NumPy array (e.g. the corpus's uint16 memory map): only the
+    sampled windows are converted to int64, never the whole stream."""
     n = len(tokens)
     if block_size < 1 or batch_size < 1:
         raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
     if n <= block_size:
         raise ValueError(f"token stream of length {n} is too short for block_size={block_size}")
     starts = torch.randint(0, n - block_size, (batch_size,), generator=generator)
-    t = tokens if torch.is_tensor(tokens) else torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     idx = starts[:, None] + torch.arange(block_size + 1)[None, :]
-    w = t[idx].long()
+    if torch.is_tensor(tokens):
+        w = tokens[idx].long()
+    else:
+        w = torch.from_numpy(np.asarray(tokens)[idx.numpy()].astype(np.int64))
     return w[:, :-1], w[:, 1:]

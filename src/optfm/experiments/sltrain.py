@@ -115,7 +115,7 @@ def train_arm(payload: dict[str, Any]) -> dict[str, Any]:
                           galore_rank=c["rank"], galore_scale=c["galore_scale"],
                           galore_update_proj_gap=c["galore_update_proj_gap"])
     sched = warmup_cosine(opt, cfg.steps, max(1, int(0.1 * cfg.steps)), cfg.min_lr_frac)
-    out = pretrain(model, opt, sched, corpus.tensor("train"), corpus.tensor("val"), cfg, device=device)
+    out = pretrain(model, opt, sched, corpus.train, corpus.val, cfg, device=device)
     static = module_static_bytes(model, optimizer_state_bytes_per_param=0)
     opt_bytes = optimizer_state_bytes(opt)
     return {

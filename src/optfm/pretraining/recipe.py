@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,7 +99,7 @@ def build_optimizer(model: nn.Module, name: str = "adamw", *, lr: float, weight_
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokens: torch.Tensor, cfg: PretrainConfig, device: torch.device,
+def evaluate(model: nn.Module, tokens: torch.Tensor | np.ndarray, cfg: PretrainConfig, device: torch.device,
              *, seed: int = 1234) -> dict[str, float]:
     """Mean next-token loss over ``cfg.eval_batches`` fixed batches; bits per byte; perplexity."""
     was = model.training
@@ -116,13 +117,15 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, cfg: PretrainConfig, device
 
 
 def pretrain(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             train_tokens: torch.Tensor, val_tokens: torch.Tensor, cfg: PretrainConfig, *,
+             train_tokens: torch.Tensor | np.ndarray, val_tokens: torch.Tensor | np.ndarray,
+             cfg: PretrainConfig, *,
              device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
              on_eval: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train for ``cfg.steps`` steps; returns the evaluation history and timing.
 
     Under DDP pass the wrapped model with ``rank``/``world_size``: each process takes rows
     ``rank::world_size`` of the shared global batch (``cfg.batch_size`` must divide evenly).
+    Token streams may be tensors or NumPy arrays (the corpus's uint16 memory maps).
     """
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by world_size={world_size}")

@@ -12,11 +12,6 @@ two cores); the single-process references run in this process with the worker's 
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +19,7 @@ import torch
 
 from optfm.data.corpus import python_stdlib_corpus
 from tests import pretrain_ddp_worker as W
+from tests.conftest import run_torchrun
 
 WORKER = Path(__file__).with_name("pretrain_ddp_worker.py")
 WORLD = 2
@@ -43,21 +39,6 @@ ATOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 RTOL_GRAD_NORM = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          cwd=WORKER.parent.parent)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """``[rank0, rank1]``: each ``{arm: result}`` as written by the worker."""
@@ -65,12 +46,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     # inherits), so the two ranks only read the cache and never race to write it.
     python_stdlib_corpus()
     out = tmp_path_factory.mktemp("pretrain-ddp")
-    res = _launch(out)
-    if res.returncode != 0 and "address already in use" in (res.stdout + res.stderr).lower():
-        res = _launch(out)  # the free port was taken in between; try another once
-    assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert [r["rank"] for r in results] == list(range(WORLD))
+    results = run_torchrun(WORKER, out, nproc=WORLD, timeout=300)
     assert all(r["world_size"] == WORLD for r in results)
     return [r["runs"] for r in results]
 

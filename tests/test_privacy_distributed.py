@@ -11,11 +11,6 @@ filter states, and hence the parameters, stay identical. All runs share one torc
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,37 +19,18 @@ from torch.utils.data import DataLoader
 
 from optfm.privacy import epsilon_for, make_private
 from tests import dp_ddp_worker as W
+from tests.conftest import run_torchrun
 
 WORKER = Path(__file__).with_name("dp_ddp_worker.py")
 WORLD = 2
 NOISY = ["none-noisy", "a9b1-noisy", "kalman-noisy", "a9b1-noisy-ddp", "kalman-noisy-ddp"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-           "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
-                          cwd=WORKER.parent.parent)
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """``[rank0, rank1]``: each ``{run name: result}`` as written by the worker."""
     out = tmp_path_factory.mktemp("dp-ddp")
-    res = _launch(out)
-    if res.returncode != 0 and "address already in use" in (res.stdout + res.stderr).lower():
-        res = _launch(out)  # the free port was taken in between; try another once
-    assert res.returncode == 0, f"torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert [r["rank"] for r in results] == list(range(WORLD))
+    results = run_torchrun(WORKER, out, nproc=WORLD, timeout=240)
     return [r["runs"] for r in results]
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optfm.pretraining.sltrain import LLAMA_TARGET_MODULES, _check_int, _replace
+from optfm.pretraining.sltrain import LLAMA_TARGET_MODULES, _check_shape, _replace
 
 __all__ = ["LowRankLinear", "apply_lowrank"]
 
@@ -25,12 +25,7 @@ class LowRankLinear(nn.Module):
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        _check_int("in_features", in_features)
-        _check_int("out_features", out_features)
-        _check_int("rank", rank)
-        if rank > min(in_features, out_features):
-            raise ValueError(f"rank must be <= min(in_features, out_features) = "
-                             f"{min(in_features, out_features)}, got {rank}")
+        _check_shape(in_features, out_features, rank)
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         factory = {"device": device, "dtype": dtype}

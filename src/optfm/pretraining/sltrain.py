@@ -125,6 +125,15 @@ def _check_int(name: str, v: int, lo: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
 
 
+def _check_shape(in_features: int, out_features: int, rank: int) -> None:
+    _check_int("in_features", in_features)
+    _check_int("out_features", out_features)
+    _check_int("rank", rank)
+    if rank > min(in_features, out_features):
+        raise ValueError(f"rank must be <= min(in_features, out_features) = "
+                         f"{min(in_features, out_features)}, got {rank}")
+
+
 class SLTrainLinear(nn.Module):
     """Drop-in replacement of ``nn.Linear`` with weight ``B (A·α/r) + S`` (see module docstring).
 
@@ -136,12 +145,7 @@ class SLTrainLinear(nn.Module):
                  alpha: float = 32.0, bias: bool = True, *, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        _check_int("in_features", in_features)
-        _check_int("out_features", out_features)
-        _check_int("rank", rank)
-        if rank > min(in_features, out_features):
-            raise ValueError(f"rank must be <= min(in_features, out_features) = "
-                             f"{min(in_features, out_features)}, got {rank}")
+        _check_shape(in_features, out_features, rank)
         if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
             raise ValueError(f"density must be in (0, 1], got {density!r}")
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):

@@ -16,7 +16,8 @@ from optfm.privacy import KalmanFilter, LowPassFilter
 
 PARAM_BYTES = 9610 * 4  # the digits MLP 64-128-10 in float32
 
-ROWS = [bp.ROW_DOPPLER, bp.ROW_DISK1, bp.ROW_DISK2, bp.ROW_FACADE, bp.ROW_PRICE,
+ROWS = [bp.ROW_DOPPLER, bp.ROW_DOPPLER_256, bp.ROW_DISK1, bp.ROW_DISK2, bp.ROW_FACADE,
+        bp.ROW_PRICE,
         bp.ROW_MEM_DOPPLER, bp.ROW_MEM_DISK, bp.ROW_PEAK]
 
 
@@ -38,9 +39,9 @@ def test_registered_and_every_row_present_positive_finite(rows):
         assert r.benchmark == "privacy"
         assert r.measured > 0 and r.baseline > 0
         assert math.isfinite(r.ratio) and r.ratio > 0
-    assert [rows[n].target for n in ROWS] == [1.05, 1.10, 2.1, 1.02, None, 1.0, 2.0, 0.99]
-    assert all(rows[n].unit == "s" for n in ROWS[:5])
-    assert all(rows[n].unit == "bytes" for n in ROWS[5:])
+    assert [rows[n].target for n in ROWS] == [1.05, 1.05, 1.10, 2.1, 1.02, None, 1.0, 2.0, 0.99]
+    assert all(rows[n].unit == "s" for n in ROWS[:6])
+    assert all(rows[n].unit == "bytes" for n in ROWS[6:])
 
 
 def test_filter_state_is_exactly_the_papers_multiple_of_the_parameters(rows):

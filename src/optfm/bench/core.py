@@ -114,7 +114,8 @@ def steady_allocator() -> bool:
 
 def time_pair(measured: Callable[[], object], baseline: Callable[[], object], *, repeats: int = 7,
               number: int = 20, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds per call of ``measured`` and ``baseline``, interleaved round by round."""
+    """Median seconds per call of ``measured`` and ``baseline``, interleaved round by round
+    (the order alternates between rounds, so neither side always runs first)."""
     if repeats < 1 or number < 1:
         raise ValueError(f"repeats and number must be >= 1, got {repeats}, {number}")
     for _ in range(warmup):
@@ -122,8 +123,9 @@ def time_pair(measured: Callable[[], object], baseline: Callable[[], object], *,
             measured()
             baseline()
     a, b = [], []
-    for _ in range(repeats):
-        for fn, acc in ((measured, a), (baseline, b)):
+    for i in range(repeats):
+        pair = ((measured, a), (baseline, b))
+        for fn, acc in (pair if i % 2 == 0 else pair[::-1]):  # ABBA: no first-in-round bias
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()

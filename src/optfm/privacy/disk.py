@@ -98,7 +98,7 @@ class KalmanFilter:
             if len(grads) != len(self._m):
                 raise ValueError(f"filter state holds {len(self._m)} tensors, got {len(grads)}")
             for m, g in zip(self._m, grads):
-                m.mul_(1.0 - self.kappa).add_(g, alpha=self.kappa)
+                m.lerp_(g, self.kappa)  # (1 - kappa) m + kappa g
                 g.copy_(m)
         self.t += 1
 

@@ -133,8 +133,12 @@ class LowPassFilter:
         c_t = self._next_c()
         if self.n_a == 1 and self.n_b == 0:  # first order (a9b1): update m in its own buffer
             a1, b0 = self.a[1], self.b[0]
+            exact_lerp = -a1 == 1.0 - b0  # m = (1 - b0) m + b0 g: one fused op
             for g, (m,) in zip(grads, self._m):
-                m.mul_(-a1).add_(g, alpha=b0)
+                if exact_lerp:
+                    m.lerp_(g, b0)
+                else:
+                    m.mul_(-a1).add_(g, alpha=b0)
                 torch.div(m, c_t, out=g)
             self._c_hist = [c_t]
             self.t += 1

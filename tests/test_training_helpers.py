@@ -8,12 +8,16 @@ import torch
 from optfm.training import (
     MetricLogger,
     autocast,
+    current_rss_bytes,
     is_quiet,
     limit_threads,
     make_generator,
     minibatch_indices,
+    peak_rss_bytes,
+    peak_tensor_bytes,
     progress,
     read_jsonl,
+    reset_peak_rss,
     resolve_device,
     seed_everything,
     set_quiet,
@@ -112,3 +116,33 @@ def test_progress_is_quiet_off_tty_and_when_asked(monkeypatch):
         set_quiet(None)
     monkeypatch.setenv("OPTFM_QUIET", "1")
     assert progress(range(3)).disable
+
+
+def test_rss_baseline_reset_and_peak_tensor_bytes():
+    import mmap
+
+    def touch(n: int) -> mmap.mmap:  # fresh anonymous pages (malloc could reuse freed memory)
+        m = mmap.mmap(-1, n)
+        for i in range(0, n, mmap.PAGESIZE):
+            m[i] = 1
+        return m
+
+    touch(16 * 2**20).close()  # a peak that the reset forgets
+    if reset_peak_rss():  # Linux: the peak restarts from the current RSS
+        assert peak_rss_bytes() - current_rss_bytes() < 8 * 2**20
+    before = current_rss_bytes()
+    m = touch(32 * 2**20)
+    assert peak_rss_bytes() - before >= 30 * 2**20
+    m.close()
+
+    def work() -> None:
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # + 4 MiB alive at once
+        del a, b
+        torch.ones(256, 1024)  # 1 MiB, after the others were freed
+
+    r = peak_tensor_bytes(work)
+    if r is None:
+        pytest.skip("torch's memory profiler timeline is unavailable in this torch version")
+    assert 8 * 2**20 <= r["peak_bytes"] < 9 * 2**20
+    assert sum(r["by_category"].values()) == r["peak_bytes"]

@@ -52,11 +52,43 @@ Rows (ratio = measured / baseline):
   on top of the activations, and that copy grows with the model, not with the batch.
 - ``low-rank / full-rank step time`` (report only): the pure low-rank baseline W = B A (computed
   as (x Aᵀ) Bᵀ, never forming W), timed like the SLTrain row (``repeats`` rounds: report only).
+
+The memory claim end to end (SLTrain with 8-bit AdamW states and per-layer updates, the
+configuration of the paper's 7B figure; 8-bit AdamW = ``bitsandbytes.optim.AdamW8bit`` through
+:func:`optfm.pretraining.build_optimizer`, per-layer = :class:`optfm.pretraining.PerLayerOptimizer`;
+these rows are left out, with a note, when bitsandbytes is not installed):
+
+- ``SLTrain + 8-bit AdamW + per-layer / full-rank AdamW static memory`` (target <= 0.45):
+  parameters + gradients (per-layer: only the largest single gradient exists at once, the
+  ``lm_head``/embedding one) + every tensor each optimizer really holds after the timed steps
+  (fp32 AdamW: 8 B per parameter + step counters; bitsandbytes: 1-B codes for each of the two
+  moments, block-wise absmax scales, the quantisation maps, and fp32 states for tensors under
+  4096 entries, e.g. the sparse values of the 256 x 256 projections) + buffers. Exact.
+- ``... peak tensor memory`` (report only): the largest sum of live tensor bytes during one
+  training step, from torch's memory profiler (:func:`optfm.training.peak_tensor_bytes`):
+  deterministic, without allocator slack. The peak comes early in backward, when every
+  activation is still saved and few gradients exist yet, so per-layer updates barely move it at
+  this batch size; the parameters and optimizer states that SLTrain + 8-bit remove do.
+- ``... peak RSS added`` (report only): each side runs ``RSS_STEPS`` training steps in its own
+  subprocess; the peak RSS is reset to the RSS after the imports (``/proc/self/clear_refs``), so
+  the row compares what the model + optimizer + training steps add. The activations of the
+  16 x 128-token batch (the same on both sides: ≈ 174 MiB saved for backward at d = 256, see the
+  saved-activations row), autograd temporaries and allocator slack dominate at this scale, so
+  the ratio is far above the static one.
+- ``... step time`` (report only), and the two factors separately: ``per-layer / global step
+  time`` (SLTrain, 8-bit AdamW: the cost of one inner optimizer call per parameter) and
+  ``8-bit / fp32 AdamW step time`` (SLTrain, global step: bitsandbytes' CPU kernels).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import statistics
+import tempfile
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +97,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from optfm.bench.core import BenchRow, register_benchmark, time_pair
 from optfm.models import tiny_llama
-from optfm.pretraining import SLTrainConfig, SLTrainLinear, apply_lowrank, apply_sltrain
+from optfm.pretraining import (
+    SLTrainConfig,
+    SLTrainLinear,
+    apply_lowrank,
+    apply_sltrain,
+    build_optimizer,
+)
 from optfm.pretraining.memory import StaticMemory, module_static_bytes, optimizer_state_bytes
-from optfm.training.memory import saved_activation_bytes
+from optfm.training.memory import peak_tensor_bytes, saved_activation_bytes
 
 __all__ = [
     "ALPHA",
@@ -80,11 +118,19 @@ __all__ = [
     "ROW_LAYER",
     "ROW_LOWRANK",
     "ROW_PARAMS",
+    "ROW_RSS_8BIT_PL",
     "ROW_STATIC",
+    "ROW_STATIC_8BIT_PL",
     "ROW_STEP",
+    "ROW_STEP_8BIT",
+    "ROW_STEP_8BIT_PL",
+    "ROW_STEP_PL",
+    "ROW_TENSOR_8BIT_PL",
     "bench_sltrain",
+    "bitsandbytes_available",
     "build_model",
     "naive_sltrain_forward",
+    "rss_worker",
 ]
 
 NAME = "sltrain"
@@ -105,6 +151,13 @@ ROW_STEP = "SLTrain / full-rank step time (fwd+bwd+AdamW, 16x128 tokens)"
 ROW_ACT = "SLTrain / full-rank saved activations (model forward + loss)"
 ROW_LAYER = "SLTrainLinear / naive autograd saved activations (one 256->688 layer)"
 ROW_LOWRANK = "low-rank / full-rank step time (fwd+bwd+AdamW, 16x128 tokens)"
+ROW_STATIC_8BIT_PL = "SLTrain + 8-bit AdamW + per-layer / full-rank AdamW static memory"
+ROW_RSS_8BIT_PL = "SLTrain + 8-bit AdamW + per-layer / full-rank AdamW peak RSS added (subprocess)"
+ROW_TENSOR_8BIT_PL = "SLTrain + 8-bit AdamW + per-layer / full-rank AdamW peak tensor memory (1 step)"
+ROW_STEP_8BIT_PL = "SLTrain + 8-bit AdamW + per-layer / full-rank AdamW step time"
+ROW_STEP_PL = "per-layer / global step time (SLTrain, 8-bit AdamW)"
+ROW_STEP_8BIT = "8-bit / fp32 AdamW step time (SLTrain, global step)"
+RSS_STEPS = 3  # training steps per RSS subprocess (states exist after one; the peak repeats)
 
 
 def naive_sltrain_forward(layer: SLTrainLinear, x: torch.Tensor) -> torch.Tensor:
@@ -135,11 +188,14 @@ def build_model(kind: str, *, seed: int = 0) -> nn.Module:
 
 
 class _Arm:
-    """A model, its AdamW and the fixed batch; ``step()`` is one training step."""
+    """A model, its optimizer and the fixed batch; ``step()`` is one training step."""
 
-    def __init__(self, kind: str, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def __init__(self, kind: str, inputs: torch.Tensor, targets: torch.Tensor, *,
+                 optimizer: str = "adamw", per_layer: bool = False) -> None:
         self.model = build_model(kind)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.0)
+        self.per_layer = per_layer
+        self.optimizer = build_optimizer(self.model, optimizer, lr=1e-3, weight_decay=0.0,
+                                         per_layer=per_layer)
         self.inputs, self.targets = inputs, targets
 
     def loss(self) -> torch.Tensor:
@@ -148,8 +204,58 @@ class _Arm:
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss().backward()
-        self.optimizer.step()
+        self.loss().backward()  # per-layer: the parameters are updated here
+        if not self.per_layer:
+            self.optimizer.step()
+
+    def static_bytes(self) -> StaticMemory:
+        """Exact static memory with the optimizer's real state (call after a step)."""
+        s = module_static_bytes(self.model, optimizer_state_bytes_per_param=0,
+                                per_layer=self.per_layer)
+        return StaticMemory(s.num_parameters, s.num_trainable, s.num_buffer_elements,
+                            s.parameters, s.gradients, optimizer_state_bytes(self.optimizer),
+                            s.buffers)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, MODEL_KWARGS["vocab_size"], (BATCH, BLOCK + 1), generator=gen)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def rss_worker(payload: dict[str, Any]) -> dict[str, Any]:
+    """Subprocess entry point of the RSS row: ``RSS_STEPS`` training steps of one arm
+    (``kind``, ``optimizer``, ``per_layer``), peak RSS above the RSS after the imports."""
+    from transformers import LlamaForCausalLM  # noqa: F401  (imported lazily by tiny_llama)
+
+    from optfm.pretraining import optimizer_class
+    from optfm.training import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+    torch.set_num_threads(1)
+    optimizer_class("adamw8bit")  # both sides import the same libraries before the baseline
+    inputs, targets = _batch()
+    reset = reset_peak_rss()
+    before = current_rss_bytes()
+    arm = _Arm(payload["kind"], inputs, targets, optimizer=payload["optimizer"],
+               per_layer=payload["per_layer"])
+    for _ in range(payload.get("steps", RSS_STEPS)):
+        arm.step()
+    peak = peak_rss_bytes()
+    return {"rss_before_bytes": before, "peak_rss_bytes": peak, "added_bytes": peak - before,
+            "reset": reset}
+
+
+def _rss_pair() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(SLTrain + 8-bit + per-layer, full-rank AdamW) RSS results, run concurrently."""
+    from optfm.experiments.worker import run_in_subprocess
+
+    jobs = [{"kind": "sltrain", "optimizer": "adamw8bit", "per_layer": True},
+            {"kind": "full", "optimizer": "adamw", "per_layer": False}]
+    with tempfile.TemporaryDirectory(prefix="optfm-bench-rss-") as d, ThreadPoolExecutor(2) as ex:
+        futures = [ex.submit(run_in_subprocess, "optfm.bench.sltrain:rss_worker", job, f"{d}/{i}")
+                   for i, job in enumerate(jobs)]
+        sl, full = (f.result() for f in futures)
+    return sl, full
 
 
 def _matmul_flops(step: Callable[[], object]) -> int:
@@ -180,11 +286,10 @@ def _held(arm: _Arm, static: StaticMemory) -> str:
 
 
 @register_benchmark(NAME, "SLTrain (r=d/4, δ=0.03) vs full rank on the spec's full Llama: "
-                          "parameters, static memory, step time, saved activations")
+                          "parameters, static memory, step time, saved activations; SLTrain + "
+                          "8-bit AdamW + per-layer updates vs full-rank AdamW")
 def bench_sltrain(repeats: int = 7) -> list[BenchRow]:
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, MODEL_KWARGS["vocab_size"], (BATCH, BLOCK + 1), generator=gen)
-    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    inputs, targets = _batch()
     full, sl, low = (_Arm(k, inputs, targets) for k in ("full", "sltrain", "lowrank"))
     rows: list[BenchRow] = []
 
@@ -245,4 +350,89 @@ def bench_sltrain(repeats: int = 7) -> list[BenchRow]:
         NAME, ROW_LOWRANK, t_low, t_full2, "s",
         note=(f"median of {repeats} interleaved steps; matmul FLOPs/step {flops['low'] / 1e9:.2f} G "
               f"(x{flops['low'] / flops['full']:.3f} of full rank)")))
+    rows += _eight_bit_per_layer_rows(full, sl, act_full, repeats)
     return rows
+
+
+def _eight_bit_per_layer_rows(full: _Arm, sl32: _Arm, act_full: int,
+                              repeats: int) -> list[BenchRow]:
+    """The rows of SLTrain + 8-bit AdamW + per-layer; ``full`` and ``sl32`` (SLTrain, fp32
+    AdamW, global step) have already stepped."""
+    if not bitsandbytes_available():  # pragma: no cover - optional peer
+        return []
+    sl8pl = _Arm("sltrain", sl32.inputs, sl32.targets, optimizer="adamw8bit", per_layer=True)
+    sl8 = _Arm("sltrain", sl32.inputs, sl32.targets, optimizer="adamw8bit")
+    for arm in (sl8pl, sl8):
+        arm.step()  # create the optimizer states
+    st_target, st_full = sl8pl.static_bytes(), full.static_bytes()
+    n8 = sum(1 for s in sl8pl.optimizer.state.values()
+             if isinstance(s.get("state1"), torch.Tensor) and s["state1"].dtype == torch.uint8)
+    n_all = len(sl8pl.optimizer.state)
+    rows = [BenchRow(
+        NAME, ROW_STATIC_8BIT_PL, float(st_target.total), float(st_full.total), "bytes", target=0.45,
+        note=(f"exact, optimizer states as held after a step; SLTrain + bitsandbytes AdamW8bit + "
+              f"per-layer: {_breakdown(st_target)} ({n8} of {n_all} tensors with 8-bit states, "
+              f"the rest under 4096 entries keep fp32 states); full-rank fp32 AdamW: "
+              f"{_breakdown(st_full)}"))]
+
+    peaks = [peak_tensor_bytes(a.step) for a in (sl8pl, full)]
+    if all(peaks):
+        (p_sl, p_full) = peaks
+
+        def split(p: dict[str, Any]) -> str:
+            c = p["by_category"]
+            static = sum(c.get(k, 0) for k in ("parameter", "optimizer_state", "gradient"))
+            return f"{_mib(static)} parameters/states/gradients + {_mib(p['peak_bytes'] - static)} other"
+
+        rows.append(BenchRow(
+            NAME, ROW_TENSOR_8BIT_PL, float(p_sl["peak_bytes"]), float(p_full["peak_bytes"]),
+            "bytes",
+            note=(f"largest sum of live tensor bytes during one training step (torch's memory "
+                  f"profiler; deterministic); at the peak: SLTrain {split(p_sl)}; full rank "
+                  f"{split(p_full)} (activations, the logits and their gradient dominate)")))
+
+    rss_sl, rss_full = _rss_pair()
+    rows.append(BenchRow(
+        NAME, ROW_RSS_8BIT_PL, float(rss_sl["added_bytes"]), float(rss_full["added_bytes"]),
+        "bytes",
+        note=(f"{RSS_STEPS} steps in a subprocess each, peak RSS above the RSS after the imports "
+              f"(peak reset: {rss_sl['reset'] and rss_full['reset']}); whole-process peaks "
+              f"{_mib(rss_sl['peak_rss_bytes'])} vs {_mib(rss_full['peak_rss_bytes'])}; the "
+              f"activations saved for backward ({_mib(act_full)}, the same on both sides) "
+              "dominate both")))
+
+    t_target, t_full, t_8, t_32 = _time_round_robin([sl8pl.step, full.step, sl8.step, sl32.step],
+                                                     repeats)
+    how = f"median of {repeats} rounds, one step of each of the four arms per round (rotating order)"
+    rows += [
+        BenchRow(NAME, ROW_STEP_8BIT_PL, t_target, t_full, "s", note=f"{how}, fixed 16x128 batch"),
+        BenchRow(NAME, ROW_STEP_PL, t_target, t_8, "s",
+                 note=f"{how}; one inner optimizer call per parameter, inside backward"),
+        BenchRow(NAME, ROW_STEP_8BIT, t_8, t_32, "s",
+                 note=f"{how}; bitsandbytes' CPU 8-bit kernels vs torch's AdamW"),
+    ]
+    return rows
+
+
+def bitsandbytes_available() -> bool:
+    """Whether bitsandbytes imports (the 8-bit rows are left out otherwise)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _time_round_robin(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds per call of each function, one call of each per round (load changes hit
+    all of them alike); the order rotates between rounds, so none always runs first."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        for k in range(len(fns)):
+            i = (k + r) % len(fns)
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]

@@ -4,7 +4,13 @@ An experiment holds a protocol (arms, seeds, grids); algorithms live in the meth
 Importing this package registers every experiment.
 """
 
-from optfm.experiments import digits_baseline, dp_audit, dp_filters, sltrain  # noqa: F401  (register)
+from optfm.experiments import (  # noqa: F401  (register)
+    digits_baseline,
+    dp_audit,
+    dp_filters,
+    sltrain,
+    sltrain_memory,
+)
 from optfm.experiments.base import (
     PROFILES,
     Arm,

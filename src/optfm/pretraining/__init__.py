@@ -1,5 +1,6 @@
 """Memory-efficient pretraining: SLTrain sparse + low-rank layers (``pretraining/sltrain.py``), the
-pure low-rank baseline (``pretraining/lowrank.py``), the pretraining recipe (``recipe.py``) and
+pure low-rank baseline (``pretraining/lowrank.py``), per-layer weight updates
+(``per_layer.py``), the pretraining recipe with fp32 and 8-bit optimizers (``recipe.py``) and
 exact memory accounting (``memory.py``). See ``specs/pretraining.md``."""
 
 from optfm.pretraining.lowrank import LowRankLinear, apply_lowrank
@@ -11,10 +12,13 @@ from optfm.pretraining.memory import (
     parameter_breakdown,
     static_memory_bytes,
 )
+from optfm.pretraining.per_layer import PerLayerOptimizer, per_layer_optimizer
 from optfm.pretraining.recipe import (
+    OPTIMIZERS,
     PretrainConfig,
     build_optimizer,
     evaluate,
+    optimizer_class,
     pretrain,
     warmup_cosine,
 )
@@ -31,7 +35,9 @@ from optfm.pretraining.sltrain import (
 __all__ = [
     "LLAMA_SIZES",
     "LLAMA_TARGET_MODULES",
+    "OPTIMIZERS",
     "LowRankLinear",
+    "PerLayerOptimizer",
     "PretrainConfig",
     "SLTrainConfig",
     "SLTrainFunction",
@@ -42,9 +48,11 @@ __all__ = [
     "evaluate",
     "merge_sltrain",
     "module_static_bytes",
+    "optimizer_class",
     "optimizer_state_bytes",
     "paper_scale_table",
     "parameter_breakdown",
+    "per_layer_optimizer",
     "pretrain",
     "random_support",
     "static_memory_bytes",

@@ -345,13 +345,40 @@ def module_static_bytes(model: nn.Module, *, optimizer_state_bytes_per_param: fl
         buffers=sum(t.numel() * t.element_size() for t in buffers))
 
 
+def _state_tensors(v: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    """The plain tensors that hold ``v``'s memory: a tensor subclass that flattens (torchao's
+    8-bit states) yields its inner tensors (uint8 codes, scales, quantisation map), not its
+    nominal float32 size; dicts, lists and plain objects (GaLore's projector and its
+    ``ortho_matrix``) are searched."""
+    if depth > 4:
+        return
+    if isinstance(v, torch.Tensor):
+        if type(v) in (torch.Tensor, nn.Parameter) or not hasattr(v, "__tensor_flatten__"):
+            yield v
+        else:
+            for name in v.__tensor_flatten__()[0]:
+                yield from _state_tensors(getattr(v, name), depth + 1)
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _state_tensors(x, depth + 1)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _state_tensors(x, depth + 1)
+    elif hasattr(v, "__dict__") and not isinstance(v, type):
+        for x in vars(v).values():
+            yield from _state_tensors(x, depth + 1)
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in ``optimizer.state`` (after at least one ``step``: most optimizers
-    create their state lazily). Includes scalar ``step`` tensors; each tensor counted once."""
+    create their state lazily). Includes scalar ``step`` tensors, quantisation constants of 8-bit
+    optimizers (counted by their real storage: torchao's 8-bit states by their uint8 codes, not
+    their nominal dtype) and tensors held by state objects (GaLore's projection matrices); each
+    tensor counted once. Works for a :class:`~optfm.pretraining.per_layer.PerLayerOptimizer`,
+    whose ``state`` mirrors its inner optimizers'."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)!r}")
-    tensors = [v for state in optimizer.state.values() for v in state.values()
-               if isinstance(v, torch.Tensor)]
+    tensors = [t for state in optimizer.state.values() for t in _state_tensors(state)]
     return sum(t.numel() * t.element_size() for t in _unique(tensors))
 
 

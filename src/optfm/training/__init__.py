@@ -11,7 +11,13 @@ from optfm.training.io import (
     to_jsonable,
 )
 from optfm.training.loop import accuracy, minibatch_indices
-from optfm.training.memory import peak_rss_bytes, saved_activation_bytes
+from optfm.training.memory import (
+    current_rss_bytes,
+    peak_rss_bytes,
+    peak_tensor_bytes,
+    reset_peak_rss,
+    saved_activation_bytes,
+)
 from optfm.training.metrics import MetricLogger, read_jsonl
 from optfm.training.progress import is_quiet, progress, set_quiet
 from optfm.training.seed import make_generator, seed_everything
@@ -26,15 +32,18 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "autocast",
+    "current_rss_bytes",
     "is_quiet",
     "limit_threads",
     "load_checkpoint",
     "make_generator",
     "minibatch_indices",
     "peak_rss_bytes",
+    "peak_tensor_bytes",
     "progress",
     "read_json",
     "read_jsonl",
+    "reset_peak_rss",
     "resolve_device",
     "save_checkpoint",
     "saved_activation_bytes",

@@ -8,11 +8,22 @@ killed process leaves either the previous checkpoint or the new one, never a tor
 Resuming restores model, optimizer, scheduler, step and the torch/NumPy/Python RNGs (and any named
 ``torch.Generator``), which makes a resumed run bit-identical to an uninterrupted one on the same
 machine.
+
+Optimizer state that is neither a plain tensor nor plain JSON is encoded explicitly (format
+version 2; version-1 files still load): nested dicts of tensors (bitsandbytes' 8-bit state wraps
+``state1``/``absmax1``/``qmap1``… in one dict), tensor subclasses that flatten into plain tensors
+(torchao's ``OptimState8bit``/``OptimState4bit``/``OptimStateFp8``: their ``codes``, ``scale``
+and ``qmap`` tensors go to safetensors, their flatten context — signedness, dtype — to JSON) and
+GaLore's ``GaLoreProjector`` (its ``ortho_matrix`` and settings). Only the classes in
+:data:`_ALLOWED_CLASSES` are rebuilt on load; nothing else is ever imported from a file. Small
+tensors inside param groups or scheduler state (torchao keeps ``lr`` as a 0-d tensor) are stored
+the same way. Every tensor is stored with its exact bits, so 8-bit states round-trip bit-exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import random
@@ -30,7 +41,16 @@ from safetensors.torch import save_file
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
 
 _FORMAT = "optfm-checkpoint"
-_VERSION = 1
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+_ALLOWED_CLASSES = (
+    "torchao.optim.subclass_8bit.OptimState8bit",
+    "torchao.optim.subclass_4bit.OptimState4bit",
+    "torchao.optim.subclass_fp8.OptimStateFp8",
+    "galore_torch.galore_projector.GaLoreProjector",
+)
+"""Qualified names of the non-tensor objects optimizer state may hold, rebuilt on load."""
 
 
 @dataclass
@@ -47,6 +67,115 @@ def _json_value(value: Any, where: str) -> Any:
     except TypeError as e:
         raise TypeError(f"{where} is not JSON-serialisable ({e}); checkpoints store it as JSON") from e
     return value
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _allowed_class(name: str) -> type:
+    if name not in _ALLOWED_CLASSES:
+        raise ValueError(f"checkpoint refers to class {name!r}, which is not one of the classes "
+                         f"optfm restores ({', '.join(_ALLOWED_CLASSES)})")
+    module, _, cls = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise ImportError(f"the checkpoint holds {cls} state; install the package of {module}") from e
+
+
+def _is_plain_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and type(v) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            tuple(t.stride()), t.dtype)
+
+
+class _Encoder:
+    """Turns a value into JSON, moving every tensor into ``tensors`` under ``prefix/N``; a tensor
+    already stored (the same storage, e.g. bitsandbytes' quantisation map shared by every
+    parameter) is referenced, not stored twice (safetensors refuses shared tensors)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str,
+                 seen: dict[tuple, str]) -> None:
+        self.tensors, self.prefix, self.seen, self.n = tensors, prefix, seen, 0
+
+    def tensor(self, t: torch.Tensor) -> dict[str, str]:
+        t = t.detach()
+        sk = _storage_key(t)
+        if t.numel() > 0 and sk in self.seen:
+            return {"__tensor__": self.seen[sk]}
+        key = f"{self.prefix}/{self.n}"
+        self.n += 1
+        ref: dict[str, Any] = {"__tensor__": key}
+        if not t.is_contiguous() and t.dim() > 1:
+            # Keep the memory order (e.g. GaLore's projection matrix, a column-major slice of an
+            # SVD factor): a matmul with a transposed operand takes another kernel path and can
+            # round differently, which would break bit-exact resumption.
+            order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+            t = t.permute(order)
+            ref["permute"] = [order.index(d) for d in range(len(order))]
+        self.tensors[key] = t.contiguous().cpu()
+        self.seen[sk] = key
+        return ref
+
+    def __call__(self, v: Any, where: str) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if _is_plain_tensor(v):
+            return self.tensor(v)
+        if isinstance(v, torch.dtype):
+            return {"__dtype__": str(v).removeprefix("torch.")}
+        if isinstance(v, dict):
+            if not all(isinstance(k, str) for k in v):
+                raise TypeError(f"{where} is a dict with non-string keys")
+            return {k: self(x, f"{where}.{k}") for k, x in v.items()}
+        if isinstance(v, tuple):
+            return {"__tuple__": [self(x, f"{where}[{i}]") for i, x in enumerate(v)]}
+        if isinstance(v, list):
+            return [self(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        name = _qualname(v)
+        if name in _ALLOWED_CLASSES and isinstance(v, torch.Tensor):  # flattenable subclass
+            attrs, ctx = v.__tensor_flatten__()
+            return {"__subclass__": name,
+                    "tensors": {a: self(getattr(v, a), f"{where}.{a}") for a in attrs},
+                    "ctx": self(tuple(ctx), f"{where}.ctx"),
+                    "size": list(v.shape), "stride": list(v.stride())}
+        if name in _ALLOWED_CLASSES:
+            return {"__object__": name, "attrs": self(dict(vars(v)), f"{where}.attrs")}
+        raise TypeError(f"{where} ({type(v).__name__}) is neither a tensor nor JSON-serialisable, "
+                        f"and not one of the classes checkpoints encode ({', '.join(_ALLOWED_CLASSES)})")
+
+
+def _decode(v: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(v, list):
+        return [_decode(x, tensors) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "__tensor__" in v:
+        t = tensors[v["__tensor__"]]
+        return t.permute(v["permute"]) if "permute" in v else t
+    if "__dtype__" in v:
+        dtype = getattr(torch, v["__dtype__"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {v['__dtype__']!r} in checkpoint")
+        return dtype
+    if "__tuple__" in v:
+        return tuple(_decode(x, tensors) for x in v["__tuple__"])
+    if "__subclass__" in v:
+        cls = _allowed_class(v["__subclass__"])
+        inner = {a: _decode(x, tensors) for a, x in v["tensors"].items()}
+        return cls.__tensor_unflatten__(inner, _decode(v["ctx"], tensors), torch.Size(v["size"]),
+                                        tuple(v["stride"]))
+    if "__object__" in v:
+        cls = _allowed_class(v["__object__"])
+        obj = cls.__new__(cls)
+        obj.__dict__.update(_decode(v["attrs"], tensors))
+        return obj
+    return {k: _decode(x, tensors) for k, x in v.items()}
 
 
 def _rng_tensors_and_meta() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -117,19 +246,33 @@ def save_checkpoint(
     if optimizer is not None:
         sd = optimizer.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
+        encoded: dict[str, dict[str, Any]] = {}
+        shared: dict[tuple, str] = {}
         for idx, st in sd["state"].items():
             for k, v in st.items():
-                if torch.is_tensor(v):
+                if _is_plain_tensor(v) and v.is_contiguous() and _storage_key(v) not in shared:
                     tensors[f"optim/{idx}/{k}"] = v.detach().contiguous().cpu()
-                else:
-                    scalars.setdefault(str(idx), {})[k] = _json_value(v, f"optimizer state {idx}.{k}")
+                    shared[_storage_key(v)] = f"optim/{idx}/{k}"
+                    continue
+                if not isinstance(v, torch.Tensor):
+                    try:
+                        json.dumps(v, allow_nan=True)
+                        scalars.setdefault(str(idx), {})[k] = v
+                        continue
+                    except TypeError:  # tensors inside, a GaLore projector, ...
+                        pass
+                enc = _Encoder(tensors, f"optim_enc/{idx}/{k}", shared)
+                encoded.setdefault(str(idx), {})[k] = enc(v, f"optimizer state {idx}.{k}")
         meta["optimizer"] = {
-            "class": type(optimizer).__name__,
-            "param_groups": _json_value(sd["param_groups"], "optimizer param_groups"),
+            "class": getattr(optimizer, "checkpoint_class", type(optimizer).__name__),
+            "param_groups": _Encoder(tensors, "optim_groups", shared)(sd["param_groups"],
+                                                                      "optimizer param_groups"),
             "scalars": scalars,
+            "encoded": encoded,
         }
     if scheduler is not None:
-        meta["scheduler"] = _json_value(scheduler.state_dict(), "scheduler state_dict")
+        meta["scheduler"] = _Encoder(tensors, "scheduler", {})(scheduler.state_dict(),
+                                                               "scheduler state_dict")
     if generators:
         for name, g in generators.items():
             tensors[f"generator/{name}"] = g.get_state()
@@ -194,7 +337,7 @@ def load_checkpoint(
             raise ValueError(f"{path} is not an optfm checkpoint (no 'optfm' metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     meta = json.loads(raw_meta)
-    if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+    if meta.get("format") != _FORMAT or meta.get("version") not in _READABLE_VERSIONS:
         raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')} v{meta.get('version')}")
 
     state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
@@ -206,10 +349,9 @@ def load_checkpoint(
         om = meta.get("optimizer")
         if om is None:
             raise ValueError(f"{path} has no optimizer state but an optimizer was given")
-        if om["class"] != type(optimizer).__name__:
-            raise ValueError(
-                f"{path} holds {om['class']} state; cannot load it into {type(optimizer).__name__}"
-            )
+        expected = getattr(optimizer, "checkpoint_class", type(optimizer).__name__)
+        if om["class"] != expected:
+            raise ValueError(f"{path} holds {om['class']} state; cannot load it into {expected}")
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("optim/"):
@@ -217,12 +359,16 @@ def load_checkpoint(
                 opt_state.setdefault(int(idx), {})[name] = v
         for idx, d in om["scalars"].items():
             opt_state.setdefault(int(idx), {}).update(d)
-        groups = _restore_group_types(om["param_groups"], optimizer.state_dict()["param_groups"])
+        for idx, d in om.get("encoded", {}).items():
+            opt_state.setdefault(int(idx), {}).update(
+                {k: _decode(v, tensors) for k, v in d.items()})
+        saved_groups = _decode(om["param_groups"], tensors)
+        groups = _restore_group_types(saved_groups, optimizer.state_dict()["param_groups"])
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     if scheduler is not None:
         if "scheduler" not in meta:
             raise ValueError(f"{path} has no scheduler state but a scheduler was given")
-        scheduler.load_state_dict(meta["scheduler"])
+        scheduler.load_state_dict(_decode(meta["scheduler"], tensors))
     if generators:
         for name, g in generators.items():
             key = f"generator/{name}"

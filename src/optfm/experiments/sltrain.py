@@ -280,7 +280,7 @@ class SLTrainExperiment(Experiment):
     description = ("Byte-level Llama pretraining on the Python stdlib: full rank vs low rank vs "
                    "SLTrain vs GaLore (loss, bits/byte, parameters, static memory, peak RSS, step time).")
     config_cls = SLTrainExperimentConfig
-    minutes = {"smoke": 0.3, "quick": 4.0, "full": 90.0}
+    minutes = {"smoke": 0.3, "quick": 4.0, "full": 180.0}
 
     @classmethod
     def profiles(cls) -> dict[str, SLTrainExperimentConfig]:

@@ -30,6 +30,7 @@ time per training step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +75,9 @@ def variant_label(method: str, optimizer: str, per_layer: bool) -> str:
 
 
 @dataclass
-class SLTrainExperimentConfig(ExperimentConfig):
+class LlamaArmConfig(ExperimentConfig):
+    """Model, SLTrain/GaLore and batch settings shared by ``sltrain`` and ``sltrain-memory``."""
+
     methods: tuple[str, ...] = METHODS
     hidden_size: int = 128
     intermediate_size: int = 352
@@ -83,15 +86,37 @@ class SLTrainExperimentConfig(ExperimentConfig):
     rank: int = 32
     density: float = 0.03
     alpha: float = 32.0
+    galore_scale: float = 0.25
+    galore_update_proj_gap: int = 200
+    batch_size: int = 16
+    block_size: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError(f"methods: {m!r} is not one of {', '.join(METHODS)}")
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "rank",
+                    "batch_size", "block_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("hidden_size must be divisible by num_heads")
+        if not 0 < self.density <= 1:
+            raise ConfigError(f"density must be in (0, 1], got {self.density}")
+
+    def shared_fields(self) -> dict[str, Any]:
+        """This class's fields (and :class:`ExperimentConfig`'s) with their values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LlamaArmConfig)}
+
+
+@dataclass
+class SLTrainExperimentConfig(LlamaArmConfig):
     lrs_full: tuple[float, ...] = (1e-3,)
     lrs_lowrank: tuple[float, ...] = (3e-3,)
     lrs_sltrain: tuple[float, ...] = (3e-3,)
     lrs_galore: tuple[float, ...] = (1e-2,)
-    galore_scale: float = 0.25
-    galore_update_proj_gap: int = 200
     steps: int = 250
-    batch_size: int = 16
-    block_size: int = 128
     eval_every: int = 50
     eval_batches: int = 8
     n_seeds: int = 1
@@ -103,9 +128,6 @@ class SLTrainExperimentConfig(ExperimentConfig):
 
     def validate(self) -> None:
         super().validate()
-        for m in self.methods:
-            if m not in METHODS:
-                raise ConfigError(f"methods: {m!r} is not one of {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
                               f"got {self.optimizer!r}")
@@ -115,14 +137,9 @@ class SLTrainExperimentConfig(ExperimentConfig):
                 raise ConfigError(f"lrs_{method} must be non-empty and > 0 for extra arm {spec!r}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "rank", "steps",
-                    "batch_size", "block_size", "eval_every", "eval_batches", "n_seeds"):
+        for key in ("steps", "eval_every", "eval_batches", "n_seeds"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError("hidden_size must be divisible by num_heads")
-        if not 0 < self.density <= 1:
-            raise ConfigError(f"density must be in (0, 1], got {self.density}")
         for m in self.methods:
             lrs = self.lrs(m)
             if not lrs or any(lr <= 0 for lr in lrs):

@@ -37,10 +37,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from optfm.experiments.base import Arm, Experiment, Outcome, RunContext, register
-from optfm.experiments.config import ConfigError, ExperimentConfig, config_to_dict
+from optfm.experiments.config import ConfigError, config_to_dict
 from optfm.experiments.sltrain import (
     METHODS,
     OPTIMIZERS,
+    LlamaArmConfig,
     SLTrainExperimentConfig,
     skip_reason,
     train_arm,
@@ -56,26 +57,14 @@ _MiB = 2**20
 
 
 @dataclass
-class SLTrainMemoryConfig(ExperimentConfig):
-    methods: tuple[str, ...] = METHODS
+class SLTrainMemoryConfig(LlamaArmConfig):
     optimizers: tuple[str, ...] = ("adamw", "adamw8bit")
     modes: tuple[str, ...] = MODES
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_layers: int = 4
-    num_heads: int = 4
-    rank: int = 32
-    density: float = 0.03
-    alpha: float = 32.0
     lr_full: float = 1e-3
     lr_lowrank: float = 3e-3
     lr_sltrain: float = 3e-3
     lr_galore: float = 1e-2
-    galore_scale: float = 0.25
-    galore_update_proj_gap: int = 200
     steps: int = 20
-    batch_size: int = 16
-    block_size: int = 128
     eval_batches: int = 2
     repeats: int = 1
     subprocess: bool = True
@@ -99,15 +88,9 @@ class SLTrainMemoryConfig(ExperimentConfig):
     def arm_config(self) -> SLTrainExperimentConfig:
         """The ``sltrain`` config each arm is trained with (one lr per method)."""
         return SLTrainExperimentConfig(
-            seed=self.seed, threads=self.threads, device=self.device, methods=self.methods,
-            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_layers=self.num_layers, num_heads=self.num_heads, rank=self.rank,
-            density=self.density, alpha=self.alpha, lrs_full=(self.lr_full,),
-            lrs_lowrank=(self.lr_lowrank,), lrs_sltrain=(self.lr_sltrain,),
-            lrs_galore=(self.lr_galore,), galore_scale=self.galore_scale,
-            galore_update_proj_gap=self.galore_update_proj_gap, steps=self.steps,
-            batch_size=self.batch_size, block_size=self.block_size, eval_every=self.steps,
-            eval_batches=self.eval_batches, subprocess=self.subprocess)
+            **self.shared_fields(), lrs_full=(self.lr_full,), lrs_lowrank=(self.lr_lowrank,),
+            lrs_sltrain=(self.lr_sltrain,), lrs_galore=(self.lr_galore,), steps=self.steps,
+            eval_every=self.steps, eval_batches=self.eval_batches, subprocess=self.subprocess)
 
 
 def _key(method: str, optimizer: str, mode: str) -> str:

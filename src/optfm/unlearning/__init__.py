@@ -1,7 +1,48 @@
 """Unlearning: NGDiff for LLMs (``unlearning/ngdiff.py``) and AdvUnlearn for concept erasure in
-diffusion models (``unlearning/advunlearn.py``).
+diffusion models (``unlearning/advunlearn.py``, to come).
 
-Will hold the NGDiff direction with its automatic learning rate, GA/GradDiff/NPO/SimNPO
-baselines, TOFU/MUSE-style metrics, and AdvUnlearn with the ESD loss and soft-prompt attacks.
-See ``specs/unlearning.md`` and ``specs/concept_erasure.md``.
+- :class:`NGDiff` - the normalized gradient difference direction (any ``torch.optim`` optimizer).
+- :class:`AutoLR` - GeN-style automatic learning rate that never steps the optimizer twice.
+- :mod:`~optfm.unlearning.objectives` - GA, GradDiff, NPO, SimNPO forget objectives.
+- :class:`Unlearner` - the trainer for ``transformers`` causal LMs (optional LoRA via ``peft``).
+- :mod:`~optfm.unlearning.metrics` - TOFU/MUSE metrics (truth ratio, forget quality, model
+  utility, VerbMem, KnowMem, PrivLeak, degeneracy).
+
+See ``specs/unlearning.md`` and ``docs/unlearning.md``.
 """
+
+from optfm.unlearning.auto_lr import AutoLR, ProbeResult
+from optfm.unlearning.ngdiff import (
+    LinearCombination,
+    NGDiff,
+    TwoTaskGradient,
+    TwoTaskStats,
+    ngdiff_direction,
+)
+from optfm.unlearning.objectives import ga_loss, grad_diff_loss, npo_loss, simnpo_loss
+from optfm.unlearning.trainer import (
+    METHODS,
+    UnlearnConfig,
+    Unlearner,
+    UnlearningDiverged,
+    as_pairs,
+)
+
+__all__ = [
+    "METHODS",
+    "AutoLR",
+    "LinearCombination",
+    "NGDiff",
+    "ProbeResult",
+    "TwoTaskGradient",
+    "TwoTaskStats",
+    "UnlearnConfig",
+    "Unlearner",
+    "UnlearningDiverged",
+    "as_pairs",
+    "ga_loss",
+    "grad_diff_loss",
+    "ngdiff_direction",
+    "npo_loss",
+    "simnpo_loss",
+]

@@ -137,7 +137,7 @@ def _quadratic(h: float, lr: float, dim: int = 5):
 
 @pytest.mark.parametrize("h", [0.5, 2.0, 10.0])
 def test_autolr_fit_recovers_inverse_curvature(h):
-    w, opt, loss = _quadratic(h, lr=0.03)
+    _w, opt, loss = _quadratic(h, lr=0.03)
     auto = AutoLR(opt)
     for _ in range(150):  # growth is at most 1.1x per probe (0.9η + 0.1·2η)
         opt.zero_grad()
@@ -150,7 +150,7 @@ def test_autolr_fit_recovers_inverse_curvature(h):
 
 
 def test_autolr_halves_on_a_failed_fit():
-    w, opt, loss = _quadratic(1.0, lr=0.1)
+    _w, opt, loss = _quadratic(1.0, lr=0.1)
     auto = AutoLR(opt)
     opt.zero_grad()
     (-loss()).backward()  # ascent direction: Gg < 0
@@ -235,7 +235,7 @@ def test_autolr_agrees_with_gen_optim():
         gen.lr_parabola(ref_net, ref_opt, criterion=crit, tr_iter=iter([(x, y)]), device="cpu",
                         task="image_cls", lr_factor=[-1, 0, 1])
         assert auto.lr == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-5)
-        for net, opt in ((ours_net, ours_opt), (ref_net, ref_opt)):
+        for opt in (ours_opt, ref_opt):
             opt.step()  # plain SGD has no state, so GeN's extra step leaves no trace here
         for a, b in zip(ours_net.parameters(), ref_net.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@
 Importing this package registers every benchmark; ``optfm bench NAME|all`` runs them.
 """
 
-from optfm.bench import digits, privacy, sltrain  # noqa: F401  (registers the benchmarks)
+from optfm.bench import digits, privacy, sltrain, unlearning  # noqa: F401  (registers the benchmarks)
 from optfm.bench.core import (
     BenchRow,
     UnknownBenchmarkError,

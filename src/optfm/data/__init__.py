@@ -1,4 +1,5 @@
-"""Data: sklearn digits (flat and on a noisy canvas), the Python-stdlib text corpus, tokenizers."""
+"""Data: sklearn digits (flat and on a noisy canvas), the Python-stdlib text corpus, tokenizers,
+unlearning data (generated TinyTOFU; TOFU and MUSE loaders)."""
 
 from optfm.data.corpus import (
     TextCorpus,
@@ -9,19 +10,53 @@ from optfm.data.corpus import (
     stdlib_files,
 )
 from optfm.data.digits import DataSplit, load_digits_canvas, load_digits_split, make_digits_canvas
+from optfm.data.tofu import (
+    MUSE_CORPORA,
+    QA,
+    TOFU_SPLITS,
+    Author,
+    Country,
+    TinyTOFU,
+    TrainingCorpus,
+    UnlearningData,
+    generate_authors,
+    load_muse,
+    load_muse_privleak,
+    load_tofu,
+    make_tinytofu,
+    retain_corpus,
+    target_corpus,
+    vocabulary_texts,
+)
 from optfm.data.tokenizers import ByteTokenizer, build_word_tokenizer
 
 __all__ = [
+    "MUSE_CORPORA",
+    "QA",
+    "TOFU_SPLITS",
+    "Author",
     "ByteTokenizer",
+    "Country",
     "DataSplit",
     "TextCorpus",
+    "TinyTOFU",
+    "TrainingCorpus",
+    "UnlearningData",
     "build_word_tokenizer",
     "cache_dir",
+    "generate_authors",
     "hash_split",
     "load_digits_canvas",
     "load_digits_split",
+    "load_muse",
+    "load_muse_privleak",
+    "load_tofu",
     "make_digits_canvas",
+    "make_tinytofu",
     "python_stdlib_corpus",
+    "retain_corpus",
     "sample_lm_batch",
     "stdlib_files",
+    "target_corpus",
+    "vocabulary_texts",
 ]

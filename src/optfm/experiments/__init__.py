@@ -10,6 +10,7 @@ from optfm.experiments import (  # noqa: F401  (register)
     dp_filters,
     sltrain,
     sltrain_memory,
+    unlearning,
 )
 from optfm.experiments.base import (
     PROFILES,

@@ -88,8 +88,8 @@ def _norms_and_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float,
         return 0.0, 0.0, 0.0
     na = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)).double())
     nb = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(b)).double())
-    dot = torch.stack([torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
-                       for x, y in zip(a, b)]).sum()
+    # per-tensor dots in the gradients' dtype, summed in float64 (no float64 copies of grads)
+    dot = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).double().sum()
     vals = torch.stack([na, nb, dot]).tolist()  # one device sync
     return vals[0], vals[1], vals[2]
 

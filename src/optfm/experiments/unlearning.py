@@ -265,27 +265,32 @@ def _arm_lrs(config: UnlearningExperimentConfig, method: str) -> list[float]:
     return list(config.sweep_lrs) if method in config.sweep_methods else [config.lr]
 
 
+def _rep_lr(config: UnlearningExperimentConfig, method: str) -> float:
+    """The lr whose trajectory represents ``method`` in the figures (``config.lr`` if swept)."""
+    lrs = _arm_lrs(config, method)
+    return config.lr if config.lr in lrs else lrs[len(lrs) // 2]
+
+
 @register
 class UnlearningExperiment(Experiment):
     name = "unlearning"
     description = ("NGDiff vs GA/GradDiff/NPO/SimNPO on generated TinyTOFU: forget quality vs "
                    "model utility, CE trajectories, lr sensitivity.")
     config_cls = UnlearningExperimentConfig
-    minutes = {"smoke": 0.3, "quick": 4.0, "full": 25.0}
+    minutes = {"smoke": 0.3, "quick": 6.0, "full": 45.0}
 
     @classmethod
     def profiles(cls) -> dict[str, UnlearningExperimentConfig]:
         return {
             "smoke": UnlearningExperimentConfig(
-                n_authors=12, n_holdout=4, split="forget10", hidden_size=32,
-                intermediate_size=64, base_epochs=8, steps=4, eval_every=2, n_seeds=1,
-                sweep_lrs=(3e-4,), methods=("ga", "npo", "ngdiff", "ngdiff_autolr"),
-                sweep_methods=("ngdiff",), max_new_tokens=8),
+                n_authors=12, n_holdout=4, split="forget10", hidden_size=48,
+                intermediate_size=96, base_epochs=15, steps=6, eval_every=3, n_seeds=1,
+                lr=1e-3, sweep_lrs=(1e-3,), methods=("ga", "npo", "ngdiff", "ngdiff_autolr"),
+                sweep_methods=("ngdiff",), max_new_tokens=16),
             "quick": UnlearningExperimentConfig(),
             "full": UnlearningExperimentConfig(
-                n_authors=100, split="forget05", hidden_size=128, intermediate_size=352,
-                layers=4, base_epochs=80, steps=80, eval_every=10, n_seeds=5,
-                sweep_lrs=(3e-5, 1e-4, 3e-4, 1e-3, 3e-3)),
+                n_authors=100, split="forget05", base_epochs=30, steps=60, eval_every=10,
+                n_seeds=5, sweep_lrs=(3e-5, 1e-4, 3e-4, 1e-3, 3e-3)),
         }
 
     def arms(self, config: UnlearningExperimentConfig) -> list[Arm]:
@@ -341,9 +346,14 @@ class UnlearningExperiment(Experiment):
             diverged = None
         except FloatingPointError as err:  # reported, not hidden: a diverged arm is a result
             history, diverged = un.history, str(err)
-        final = evals[-1]
-        return {"method": method, "lr": lr, "seed": seed, "history": history, "evals": evals,
-                "final": final, "diverged": diverged}
+        out = {"method": method, "lr": lr, "seed": seed, "history": history, "evals": evals,
+               "final": evals[-1], "diverged": diverged}
+        if un.auto_lr is not None:
+            probes = un.auto_lr.history
+            out["autolr"] = {"probes": len(probes), "accepted": sum(p.accepted for p in probes),
+                             "final_lr": un.auto_lr.lr,
+                             "fitted": [p.fitted_lr if p.accepted else None for p in probes]}
+        return out
 
     def finalize(self, config: UnlearningExperimentConfig, results: dict[str, dict[str, Any]],
                  ctx: RunContext) -> Outcome:
@@ -445,6 +455,14 @@ class UnlearningExperiment(Experiment):
             flat = [r["history"][-1]["ce_r"] <= r["history"][0]["ce_r"] * 1.1 + 0.05 for r in rs]
             out.append(f"- {LABELS[m]} lr {lr:g}: CE_F rose in {sum(rises)}/{len(rs)} seed(s); "
                        f"CE_R stayed flat or fell (≤ 1.1× start + 0.05) in {sum(flat)}/{len(rs)}.")
+        if ("ngdiff_autolr", config.lr) in groups:
+            rs = groups[("ngdiff_autolr", config.lr)]
+            acc = sum(r["autolr"]["accepted"] for r in rs)
+            n = sum(r["autolr"]["probes"] for r in rs)
+            end = mean_se([r["autolr"]["final_lr"] for r in rs])[0]
+            metrics["ngdiff_autolr_final_lr"] = end
+            out.append(f"- NGDiff+AutoLR: {acc}/{n} quadratic fits accepted (Gg > 0 and gHg > 0); "
+                       f"lr {config.lr:g} → {end:.2g} after {config.steps} steps.")
         if ("ga", config.lr) in groups:
             ga_mu = mean_se([r["final"]["model_utility"] for r in groups[("ga", config.lr)]])[0]
             out.append(f"- GA: model utility {target_mu:.3f} → {ga_mu:.3f} "
@@ -472,6 +490,12 @@ class UnlearningExperiment(Experiment):
                 ax.errorbar(mu[0], f[0], xerr=mu[1], yerr=f[1], fmt=marker, color="k",
                             ms=12, label=f"{which} model")
         for (m, lr), rs in sorted(groups.items()):
+            n = min(len(r["evals"]) for r in rs)
+            if lr == _rep_lr(config, m):  # the path through the evaluations, mean over seeds
+                xs = [mean_se([r["evals"][i]["model_utility"] for r in rs])[0] for i in range(n)]
+                ys = [mean_se([r["evals"][i]["log10_forget_quality"] for r in rs])[0]
+                      for i in range(n)]
+                ax.plot(xs, ys, "-", color=COLORS[m], alpha=0.35, lw=1)
             mu = mean_se([r["final"]["model_utility"] for r in rs])
             fq = mean_se([r["final"]["log10_forget_quality"] for r in rs])
             ax.errorbar(mu[0], fq[0], xerr=mu[1], yerr=fq[1], fmt="o", color=COLORS[m],
@@ -480,7 +504,8 @@ class UnlearningExperiment(Experiment):
                 ax.annotate(f"{lr:g}", (mu[0], fq[0]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
         ax.set(xlabel="model utility (↑)", ylabel="log10 forget quality (↑)",
-               title="Forget quality vs model utility (final step; labels: lr)")
+               title="Forget quality vs model utility\n(points: final step, labels: lr; lines: "
+                     "path during unlearning)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         return ctx.savefig(fig, "fq_vs_mu.png")
@@ -489,8 +514,7 @@ class UnlearningExperiment(Experiment):
         plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for m in config.methods:
-            lrs = _arm_lrs(config, m)
-            lr = config.lr if config.lr in lrs else lrs[len(lrs) // 2]
+            lr = _rep_lr(config, m)
             rs = groups.get((m, lr), [])
             if not rs:
                 continue

@@ -84,6 +84,7 @@ class UnlearnConfig:
     max_grad_norm: float | None = None
     eps: float = 1e-12
     max_length: int | None = None  # default: the model's context length
+    prompt_template: str = "{question}"  # e.g. "[INST] {question} [/INST]" for chat models
     seed: int = 0
     checkpoint_every: int | None = None
 
@@ -114,6 +115,9 @@ class UnlearnConfig:
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if "{question}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{question}}', got "
+                             f"{self.prompt_template!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         return self
@@ -140,9 +144,13 @@ def _pair(item: Any, where: str) -> tuple[str, str]:
     raise ValueError(f"{where}: cannot read a (prompt, answer) pair from {type(item).__name__}")
 
 
-def as_pairs(data: Iterable[Any], name: str) -> list[tuple[str, str]]:
-    """Normalise a dataset (see module docstring for the accepted item forms) to pairs."""
+def as_pairs(data: Iterable[Any], name: str, prompt_template: str = "{question}"
+             ) -> list[tuple[str, str]]:
+    """Normalise a dataset (see module docstring for the accepted item forms) to pairs; prompts
+    of QA items are formatted with ``prompt_template`` (documents keep an empty prompt)."""
     pairs = [_pair(x, f"{name}[{i}]") for i, x in enumerate(data)]
+    if prompt_template != "{question}":
+        pairs = [(prompt_template.replace("{question}", q) if q else q, a) for q, a in pairs]
     if not pairs:
         raise ValueError(f"{name} is empty; unlearning needs at least one example in it")
     for i, (_, a) in enumerate(pairs):
@@ -211,8 +219,8 @@ class Unlearner:
             setattr(cfg, k, v)
         self.config = cfg.validate()
         check_tokenizer_model(tokenizer, model)
-        self.forget = as_pairs(forget, "forget")
-        self.retain = as_pairs(retain, "retain")
+        self.forget = as_pairs(forget, "forget", cfg.prompt_template)
+        self.retain = as_pairs(retain, "retain", cfg.prompt_template)
         overlap = set(self.forget) & set(self.retain)
         if overlap:
             example = next(iter(overlap))

@@ -161,3 +161,14 @@ def test_bad_input_names_the_column_or_parameter(lm):
     tr = SFTTrainer(model, tok, long)
     with pytest.raises(ValueError, match="more than max_length=32"):
         tr.train()
+
+
+def test_max_steps_is_a_fixed_budget(lm):
+    model, tok = copy.deepcopy(lm[0]), lm[1]
+    hist = SFTTrainer(model, tok, DEMOS, epochs=50, batch_size=4, max_steps=7).train()
+    assert len(hist) == 7
+    tr = IRFTTrainer(model, tok, DEMOS, stages=2, epochs=50, batch_size=4, max_steps=5,
+                     sampler="fixed", max_new_tokens=4, allowed_token_ids=_allowed(tok))
+    assert len(tr.train()) == 5
+    with pytest.raises(ValueError, match="max_steps"):
+        SFTTrainer(model, tok, DEMOS, max_steps=0)

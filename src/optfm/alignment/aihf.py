@@ -31,6 +31,7 @@ from optfm.alignment.common import (
     AlignTrainer,
     frozen_copy,
     rows,
+    stops_at_budget,
 )
 from optfm.alignment.irl_sft import RFTTrainer
 from optfm.alignment.losses import aihf_loss, dpo_loss, nll_loss
@@ -76,6 +77,7 @@ class AIHFTrainer(AlignTrainer):
             out.append(data[state.pop()])
         return out
 
+    @stops_at_budget
     def train(self) -> list[dict[str, Any]]:
         c = self.config
         n_steps = -(-max(len(self.demos), len(self.prefs)) // c.batch_size)

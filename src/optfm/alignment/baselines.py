@@ -19,6 +19,7 @@ from optfm.alignment.common import (
     AlignTrainer,
     frozen_copy,
     rows,
+    stops_at_budget,
 )
 from optfm.alignment.losses import dpo_loss, nll_loss
 
@@ -33,6 +34,7 @@ class SFTTrainer(AlignTrainer):
         super().__init__(model, tokenizer, config, **kw)
         self.demos = rows(demos, DEMO_COLUMNS, "demos")
 
+    @stops_at_budget
     def train(self) -> list[dict[str, Any]]:
         self.model.train()
         for _ in range(self.config.epochs):
@@ -54,6 +56,7 @@ class DPOTrainer(AlignTrainer):
         self.prefs = rows(prefs, PREF_COLUMNS, "prefs")
         self.ref_model = ref_model if ref_model is not None else frozen_copy(model)
 
+    @stops_at_budget
     def train(self) -> list[dict[str, Any]]:
         self.model.train()
         for _ in range(self.config.epochs):

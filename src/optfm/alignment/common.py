@@ -29,10 +29,12 @@ __all__ = [
     "PREF_COLUMNS",
     "AlignConfig",
     "AlignTrainer",
+    "BudgetReached",
     "batch_logprob",
     "frozen_copy",
     "generate",
     "rows",
+    "stops_at_budget",
 ]
 
 DEMO_COLUMNS = ("prompt", "completion")
@@ -90,6 +92,7 @@ class AlignConfig:
     # tokenisation
     add_eos: bool = True
     max_length: int | None = None
+    max_steps: int | None = None  # stop after this many optimizer steps (a fixed budget)
     seed: int = 0
 
     def validate(self) -> AlignConfig:
@@ -109,6 +112,10 @@ class AlignConfig:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool)
+                                           or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -210,12 +217,31 @@ def _fixed_length(model, ids, att, n, do_sample, temperature, allowed, generator
     return torch.cat(new, dim=1)
 
 
+class BudgetReached(Exception):
+    """Raised by :meth:`AlignTrainer.update` when ``max_steps`` is reached; ``train`` stops."""
+
+
+def stops_at_budget(train: Callable[..., list]) -> Callable[..., list]:
+    """Decorator for ``train`` methods: return the history when the step budget is reached."""
+    def wrapper(self, *args, **kwargs):
+        try:
+            return train(self, *args, **kwargs)
+        except BudgetReached:
+            return self.history
+    wrapper.__doc__, wrapper.__name__ = train.__doc__, train.__name__
+    return wrapper
+
+
 class AlignTrainer:
-    """Base class: optimizer, gradient step, per-step log. Subclasses implement ``train``."""
+    """Base class: optimizer, gradient step, per-step log. Subclasses implement ``train``.
+
+    ``allowed_token_ids`` restricts the fixed-length sampler to a closed response vocabulary.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: AlignConfig | None = None, *,
                  optimizer: torch.optim.Optimizer | None = None,
-                 callback: Callable[[int, dict], None] | None = None, **overrides: Any) -> None:
+                 callback: Callable[[int, dict], None] | None = None,
+                 allowed_token_ids: Sequence[int] | None = None, **overrides: Any) -> None:
         cfg = copy.deepcopy(config) if config is not None else AlignConfig()
         for k, v in overrides.items():
             if not hasattr(cfg, k):
@@ -236,7 +262,8 @@ class AlignTrainer:
         self.callback = callback
         self.history: list[dict[str, Any]] = []
         self.step = 0
-        self.allowed_token_ids: Sequence[int] | None = None
+        self.allowed_token_ids = (None if allowed_token_ids is None
+                                  else [int(i) for i in allowed_token_ids])
 
     def logprob(self, model: nn.Module, prompts: Sequence[str], responses: Sequence[str], *,
                 grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,4 +302,6 @@ class AlignTrainer:
         self.history.append(rec)
         if self.callback is not None:
             self.callback(self.step, rec)
+        if self.config.max_steps is not None and self.step >= self.config.max_steps:
+            raise BudgetReached
         return rec

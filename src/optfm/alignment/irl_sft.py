@@ -39,6 +39,7 @@ from optfm.alignment.common import (
     AlignTrainer,
     frozen_copy,
     rows,
+    stops_at_budget,
 )
 from optfm.alignment.losses import bt_reward_loss, spin_loss
 from optfm.training.lm import encode_pairs
@@ -80,6 +81,7 @@ class IRFTTrainer(AlignTrainer):
             start = end
         return out
 
+    @stops_at_budget
     def train(self) -> list[dict[str, Any]]:
         c = self.config
         for _ in range(c.epochs):
@@ -219,6 +221,7 @@ class RFTTrainer(AlignTrainer):
         loss = -(adv * lp).mean()
         self.update(loss, reward=r.mean(), kl=kl.mean(), **log)
 
+    @stops_at_budget
     def train(self) -> list[dict[str, Any]]:
         c = self.config
         source = self.demos if self.demos else self.prefs

@@ -10,6 +10,7 @@ from optfm.data.corpus import (
     stdlib_files,
 )
 from optfm.data.digits import DataSplit, load_digits_canvas, load_digits_split, make_digits_canvas
+from optfm.data.reward_task import Demonstrations, Preferences, RewardTask, make_reward_task
 from optfm.data.tofu import (
     MUSE_CORPORA,
     QA,
@@ -38,6 +39,9 @@ __all__ = [
     "ByteTokenizer",
     "Country",
     "DataSplit",
+    "Demonstrations",
+    "Preferences",
+    "RewardTask",
     "TextCorpus",
     "TinyTOFU",
     "TrainingCorpus",
@@ -52,6 +56,7 @@ __all__ = [
     "load_muse_privleak",
     "load_tofu",
     "make_digits_canvas",
+    "make_reward_task",
     "make_tinytofu",
     "python_stdlib_corpus",
     "retain_corpus",

@@ -5,6 +5,7 @@ Importing this package registers every experiment.
 """
 
 from optfm.experiments import (  # noqa: F401  (register)
+    alignment,
     digits_baseline,
     dp_audit,
     dp_filters,

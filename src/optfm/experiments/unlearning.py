@@ -484,11 +484,11 @@ class UnlearningExperiment(Experiment):
         fig, ax = plt.subplots(figsize=(7, 4.6))
         for which, marker in (("target", "*"), ("retain", "P")):
             mu = mean_se([b[which]["model_utility"] for b in bases])
-            fq = [b[which]["log10_forget_quality"] for b in bases]
-            if all(v is not None for v in fq):
-                f = mean_se(fq)
-                ax.errorbar(mu[0], f[0], xerr=mu[1], yerr=f[1], fmt=marker, color="k",
-                            ms=12, label=f"{which} model")
+            # the retain model is the reference: its forget quality is 1 by definition
+            fq = [b[which]["log10_forget_quality"] or 0.0 for b in bases]
+            f = mean_se(fq)
+            ax.errorbar(mu[0], f[0], xerr=mu[1], yerr=f[1], fmt=marker, color="k", ms=12,
+                        label=f"{which} model" + (" (reference)" if which == "retain" else ""))
         for (m, lr), rs in sorted(groups.items()):
             n = min(len(r["evals"]) for r in rs)
             if lr == _rep_lr(config, m):  # the path through the evaluations, mean over seeds

@@ -3,7 +3,13 @@
 Importing this package registers every benchmark; ``optfm bench NAME|all`` runs them.
 """
 
-from optfm.bench import digits, privacy, sltrain, unlearning  # noqa: F401  (registers the benchmarks)
+from optfm.bench import (  # noqa: F401  (registers the benchmarks)
+    alignment,
+    digits,
+    privacy,
+    sltrain,
+    unlearning,
+)
 from optfm.bench.core import (
     BenchRow,
     UnknownBenchmarkError,

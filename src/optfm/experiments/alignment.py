@@ -61,10 +61,10 @@ class AlignmentExperimentConfig(ExperimentConfig):
     n_layer: int = 2
     n_head: int = 4
     # shared optimisation
-    lr: float = 1e-3
+    lrs: tuple[float, ...] = (1e-3, 3e-4)  # every method is run at each; tables use its best
     batch_size: int = 32
-    beta: float = 0.1
-    sft_epochs: int = 8
+    beta: float = 0.5
+    sft_epochs: int = 16
     budget_steps: int = 60
     irft_stages: int = 5
     rloo_samples: int = 4
@@ -99,9 +99,10 @@ class AlignmentExperimentConfig(ExperimentConfig):
             raise ConfigError(f"rloo_samples must be >= 2, got {self.rloo_samples}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head")
-        for key in ("lr", "beta"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise ConfigError(f"lrs must be non-empty and > 0, got {self.lrs}")
         if not 0 < self.expert_fraction < 1:
             raise ConfigError(f"expert_fraction must be in (0, 1), got {self.expert_fraction}")
         if any(n < self.irft_stages for n in (*self.demo_counts, self.pref_demos)):
@@ -165,7 +166,7 @@ class World:
 def _align_config(config: AlignmentExperimentConfig, seed: int, **kw: Any):
     from optfm.alignment import AlignConfig
 
-    base = dict(lr=config.lr, batch_size=config.batch_size, beta=config.beta, sampler="fixed",
+    base = dict(lr=config.lrs[0], batch_size=config.batch_size, beta=config.beta, sampler="fixed",
                 max_new_tokens=8, add_eos=False, do_sample=True, seed=seed)
     base.update(kw)
     return AlignConfig(**base)
@@ -266,7 +267,7 @@ def evaluate(model, world: World, start, *, reward_model=None) -> dict[str, floa
 
 # --------------------------------------------------------------------------- training one arm
 def train_method(method: str, config: AlignmentExperimentConfig, world: World, model, demos,
-                 prefs) -> tuple[Any, list[dict[str, Any]]]:
+                 prefs, lr: float) -> tuple[Any, list[dict[str, Any]]]:
     """Run ``method`` from ``model`` (the SFT start) for ``budget_steps``; (reward model, log)."""
     from optfm.alignment import (
         AIHFTrainer,
@@ -277,7 +278,7 @@ def train_method(method: str, config: AlignmentExperimentConfig, world: World, m
     )
 
     seed = world.seed
-    cfg = _align_config(config, seed, epochs=10_000, max_steps=config.budget_steps)
+    cfg = _align_config(config, seed, lr=lr, epochs=10_000, max_steps=config.budget_steps)
     tok, allowed = world.tok, world.response_ids
     rm = None
     if method == "sft":
@@ -306,6 +307,10 @@ def train_method(method: str, config: AlignmentExperimentConfig, world: World, m
 
 
 # --------------------------------------------------------------------------- the experiment
+def _lr(lr: float | None) -> str:
+    return "—" if lr is None else f"{lr:g}"
+
+
 def _zkey(z: float) -> str:
     return f"{z:g}"
 
@@ -323,6 +328,7 @@ class AlignmentExperiment(Experiment):
         return {
             "smoke": AlignmentExperimentConfig(
                 n_embd=32, sft_epochs=3, budget_steps=6, demo_counts=(64,), demo_noise=(0.0,),
+                lrs=(1e-3,),
                 pref_demos=64, pref_counts=(64,), eval_prompts=64, eval_pairs=64, n_seeds=1,
                 batch_size=16, rloo_samples=2),
             "quick": AlignmentExperimentConfig(),
@@ -338,16 +344,23 @@ class AlignmentExperiment(Experiment):
             s = config.seed + i
             for n in config.demo_counts:
                 for z in config.demo_noise:
-                    for m in ("start", *config.demo_methods):
-                        arms.append(Arm(f"demo-{m}-n{n}-z{_zkey(z)}-s{s}",
-                                        {"part": "demo", "method": m, "n": n, "noise": z,
-                                         "seed": s}))
+                    arms.append(Arm(f"demo-start-n{n}-z{_zkey(z)}-s{s}",
+                                    {"part": "demo", "method": "start", "n": n, "noise": z,
+                                     "seed": s, "lr": None}))
+                    for m in config.demo_methods:
+                        for lr in config.lrs:
+                            arms.append(Arm(f"demo-{m}-lr{lr:g}-n{n}-z{_zkey(z)}-s{s}",
+                                            {"part": "demo", "method": m, "n": n, "noise": z,
+                                             "seed": s, "lr": lr}))
             arms.append(Arm(f"pref-start-n{config.pref_demos}-s{s}",
-                            {"part": "pref", "method": "start", "prefs": 0, "seed": s}))
+                            {"part": "pref", "method": "start", "prefs": 0, "seed": s,
+                             "lr": None}))
             for k in config.pref_counts:
                 for m in config.pref_methods:
-                    arms.append(Arm(f"pref-{m}-p{k}-s{s}",
-                                    {"part": "pref", "method": m, "prefs": k, "seed": s}))
+                    for lr in config.lrs:
+                        arms.append(Arm(f"pref-{m}-lr{lr:g}-p{k}-s{s}",
+                                        {"part": "pref", "method": m, "prefs": k, "seed": s,
+                                         "lr": lr}))
         return arms
 
     def run_arm(self, config: AlignmentExperimentConfig, arm: Arm, ctx: RunContext
@@ -371,7 +384,7 @@ class AlignmentExperiment(Experiment):
         model = world.new_model()
         model.load_state_dict(start.state_dict())
         prefs = world.prefs(p["prefs"]) if p["part"] == "pref" else None
-        rm, log = train_method(p["method"], config, world, model, demos, prefs)
+        rm, log = train_method(p["method"], config, world, model, demos, prefs, p["lr"])
         model.eval()
         out = evaluate(model, world, frozen_copy(start), reward_model=rm)
         out["steps"] = len(log)
@@ -385,12 +398,19 @@ class AlignmentExperiment(Experiment):
 
         task = make_reward_task(seed=config.task_seed)
         expert_beta = task.expert_beta(config.expert_fraction)
-        groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        by_lr: dict[tuple, dict[float | None, list[dict[str, Any]]]] = defaultdict(
+            lambda: defaultdict(list))
         for a in self.arms(config):
             p = a.params
             key = ((p["part"], p["method"], p["n"], p["noise"]) if p["part"] == "demo"
                    else (p["part"], p["method"], p["prefs"]))
-            groups[key].append(results[a.key])
+            by_lr[key][p["lr"]].append(results[a.key])
+        # each method at its best lr (by mean sampled score over seeds: optimistic, as stated)
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        best_lr: dict[tuple, float | None] = {}
+        for key, runs in by_lr.items():
+            lr = max(runs, key=lambda x: mean_se([r["score"] for r in runs[x]])[0])
+            groups[key], best_lr[key] = runs[lr], lr
         metrics: dict[str, float] = {"expert_score": float(task.expected_score(expert_beta).mean())}
         cols = [("score", "score (sampled) ↑", 3), ("greedy_score", "score (greedy) ↑", 3),
                 ("win_rate_vs_start", "win rate vs SFT start", 3),
@@ -405,23 +425,26 @@ class AlignmentExperiment(Experiment):
             return f"{m:.{d}f} ± {se:.{d}f}"
 
         head = "| " + " | ".join(c[1] for c in cols) + " |"
-        rows_a = ["| demos | noise | method " + head, "|---|---|---|" + "---|" * len(cols)]
+        rows_a = ["| demos | noise | method | best lr " + head,
+                  "|---|---|---|---|" + "---|" * len(cols)]
         for n in config.demo_counts:
             for z in config.demo_noise:
                 for m in ("start", *config.demo_methods):
                     rs = groups[("demo", m, n, z)]
-                    rows_a.append(f"| {n} | {z:g} | {LABELS[m]} | "
+                    lr = best_lr[("demo", m, n, z)]
+                    rows_a.append(f"| {n} | {z:g} | {LABELS[m]} | {_lr(lr)} | "
                                   + " | ".join(cell(rs, k, d) for k, _, d in cols) + " |")
                     metrics[f"demo_{m}_n{n}_z{z:g}_score"] = mean_se([r["score"] for r in rs])[0]
-        rows_b = ["| preferences | method " + head, "|---|---|" + "---|" * len(cols)]
+        rows_b = ["| preferences | method | best lr " + head,
+                  "|---|---|---|" + "---|" * len(cols)]
         rs = groups[("pref", "start", 0)]
-        rows_b.append(f"| 0 | {LABELS['start']} | "
+        rows_b.append(f"| 0 | {LABELS['start']} | — | "
                       + " | ".join(cell(rs, k, d) for k, _, d in cols) + " |")
         metrics["pref_start_score"] = mean_se([r["score"] for r in rs])[0]
         for k in config.pref_counts:
             for m in config.pref_methods:
                 rs = groups[("pref", m, k)]
-                rows_b.append(f"| {k} | {LABELS[m]} | "
+                rows_b.append(f"| {k} | {LABELS[m]} | {_lr(best_lr[('pref', m, k)])} | "
                               + " | ".join(cell(rs, kk, d) for kk, _, d in cols) + " |")
                 metrics[f"pref_{m}_p{k}_score"] = mean_se([r["score"] for r in rs])[0]
 
@@ -433,7 +456,9 @@ class AlignmentExperiment(Experiment):
             f"{expert_beta:.3f} (expected normalised score {metrics['expert_score']:.3f}). "
             f"Policy: tiny GPT-2 (d = {config.n_embd}, {config.n_layer} layers); SFT start "
             f"{config.sft_epochs} epochs; every method then {config.budget_steps} AdamW steps "
-            f"at lr {config.lr:g}, batch {config.batch_size}, β = {config.beta:g}; IRFT "
+            f"at each lr in {{{', '.join(f'{x:g}' for x in config.lrs)}}} (tables: the best lr "
+            "per method and cell by mean sampled score, an optimistic selection), batch "
+            f"{config.batch_size}, β = {config.beta:g}; IRFT "
             f"{config.irft_stages} stages; RLOO k = {config.rloo_samples}, KL {config.kl_coef:g}. "
             f"{config.n_seeds} seed(s) ({config.seed}..{config.seed + config.n_seeds - 1}); "
             f"mean ± standard error over seeds; scores on {config.eval_prompts} held-out prompts "

@@ -491,8 +491,10 @@ class AlignmentExperiment(Experiment):
                     other = [r["score"] for r in groups[("demo", m, n, z)]]
                     diff = mean_se([a - b for a, b in zip(other, sft)])
                     metrics[f"demo_{m}_minus_sft_n{n}_z{z:g}"] = diff[0]
-                    verdict = ("≥ SFT" if diff[0] - 2 * diff[1] >= 0 else
-                               "< SFT" if diff[0] + 2 * diff[1] < 0 else "≈ SFT (within 2 SE)")
+                    verdict = ("one seed: no error bar" if len(sft) < 2 else
+                               "> SFT by more than 2 SE" if diff[0] - 2 * diff[1] > 0 else
+                               "< SFT by more than 2 SE" if diff[0] + 2 * diff[1] < 0 else
+                               "≈ SFT (within 2 SE)")
                     out.append(f"- {n} demos, noise {z:g}: {LABELS[m]} − SFT = {diff[0]:+.3f} ± "
                                f"{diff[1]:.3f} ({verdict}).")
         for k in config.pref_counts:

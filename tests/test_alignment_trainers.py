@@ -172,3 +172,46 @@ def test_max_steps_is_a_fixed_budget(lm):
     assert len(tr.train()) == 5
     with pytest.raises(ValueError, match="max_steps"):
         SFTTrainer(model, tok, DEMOS, max_steps=0)
+
+
+def test_samples_are_scored_on_the_sampled_tokens(lm):
+    from optfm.training.lm import GeneratedText, encode_pairs
+
+    model, tok = lm
+    ids = tok.convert_tokens_to_ids(["t3", "t4", "[EOS]"])
+    fake = GeneratedText("t1 t2", ids)  # text and ids disagree: the ids win, no EOS appended
+    batch = encode_pairs(tok, ["c0 d1 d2"], [fake])
+    assert batch["labels"][0][batch["labels"][0] != -100].tolist() == ids
+    # model.generate samples keep their EOS (if any) and are re-scored exactly
+    out = generate(model, tok, [r["prompt"] for r in DEMOS[:4]], sampler="generate",
+                   max_new_tokens=3, do_sample=True)
+    for g in out:
+        assert isinstance(g, GeneratedText) and 1 <= len(g.token_ids) <= 3
+    with pytest.raises(ValueError, match="allowed_token_ids restricts the fixed-length sampler"):
+        generate(model, tok, ["c0"], sampler="generate", allowed_token_ids=_allowed(tok))
+
+
+def test_dropout_is_off_so_implicit_rewards_start_at_zero(lm):
+    from optfm.alignment import frozen_copy
+
+    model, tok = copy.deepcopy(lm[0]), lm[1]
+    model.config.resid_pdrop = 0.1
+    tr = DPOTrainer(model, tok, PREFS)
+    ref = frozen_copy(model)
+    model.train()
+    a = batch_logprob(model, tok, ["c0 d1 d2"] * 4, ["t0 t1 t0 t2"] * 4)[0]
+    b = batch_logprob(ref, tok, ["c0 d1 d2"] * 4, ["t0 t1 t0 t2"] * 4, grad=False)[0]
+    assert torch.allclose(a, b)
+    assert tr.config.disable_dropout
+
+
+def test_reward_model_pad_id_must_match(lm):
+    from optfm.alignment import sequence_reward
+
+    tok = lm[1]
+    rm = _reward_model(tok)
+    r = sequence_reward(rm, tok, ["c0 d1", "c1 d2 d3"], ["t1", "t2 t3"])
+    assert r.shape == (2,)
+    rm.config.pad_token_id = tok.eos_token_id
+    with pytest.raises(ValueError, match="pad_token_id"):
+        sequence_reward(rm, tok, ["c0 d1"], ["t1"])

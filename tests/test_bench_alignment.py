@@ -64,7 +64,10 @@ def test_setup_is_the_experiments(setup):
     exp = AlignmentExperimentConfig()
     policy = {"n_embd": exp.n_embd, "n_layer": exp.n_layer, "n_head": exp.n_head}
     assert policy == ba.MODEL_KWARGS
-    assert ba.make_config(exp.batch_size) == _align_config(exp, 0, epochs=1)
+    ours, theirs = ba.make_config(exp.batch_size), _align_config(exp, 0, epochs=1)
+    cost = ("batch_size", "sampler", "max_new_tokens", "do_sample", "temperature", "add_eos",
+            "max_length", "max_grad_norm", "loss_type", "epochs")  # what changes a step's work
+    assert {k: getattr(ours, k) for k in cost} == {k: getattr(theirs, k) for k in cost}
     assert len(setup.demos) == N_DEMOS and setup.steps == N_DEMOS // BATCH
     assert setup.tokenizer.convert_ids_to_tokens(setup.allowed_token_ids) == [
         f"t{v}" for v in range(16)]

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from optfm.training.lm import check_tokenizer_model, encode_pairs, sequence_logprob
+from optfm.training.lm import (
+    GeneratedText,
+    check_tokenizer_model,
+    encode_pairs,
+    sequence_logprob,
+)
 
 __all__ = [
     "DEMO_COLUMNS",
@@ -31,6 +36,7 @@ __all__ = [
     "AlignTrainer",
     "BudgetReached",
     "batch_logprob",
+    "disable_dropout",
     "frozen_copy",
     "generate",
     "rows",
@@ -93,6 +99,7 @@ class AlignConfig:
     add_eos: bool = True
     max_length: int | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (a fixed budget)
+    disable_dropout: bool = True  # as TRL: policy and reference log-probs comparable, less noise
     seed: int = 0
 
     def validate(self) -> AlignConfig:
@@ -120,6 +127,14 @@ class AlignConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set ``p = 0`` on every ``nn.Dropout`` in ``model`` (train-mode log-probs then equal
+    eval-mode ones, so an implicit reward starts at exactly 0 against a frozen copy)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -156,9 +171,15 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
     ``sampler="fixed"`` samples exactly ``max_new_tokens`` tokens, restricted to
     ``allowed_token_ids`` when given, with ``generator`` for reproducible draws; tokens are
     joined with spaces (word-level vocabularies).
+
+    Each result is a :class:`~optfm.training.lm.GeneratedText`: a string that keeps the sampled
+    token ids (with the EOS if the model produced one), so scoring it uses exactly those tokens.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if allowed_token_ids is not None and sampler != "fixed":
+        raise ValueError("allowed_token_ids restricts the fixed-length sampler only; use "
+                         "sampler='fixed' (model.generate samples from the whole vocabulary)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     device = next(model.parameters()).device
@@ -183,16 +204,28 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
                 gen = model.generate(input_ids=ids, attention_mask=att,
                                      max_new_tokens=max_new_tokens, pad_token_id=pad,
                                      eos_token_id=tokenizer.eos_token_id, **kw)
-                out.extend(s.strip() for s in tokenizer.batch_decode(gen[:, width:],
-                                                                     skip_special_tokens=True))
+                for row in gen[:, width:].cpu().tolist():
+                    kept = _until_eos(row, tokenizer.eos_token_id, pad)
+                    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+                    out.append(GeneratedText(text, kept))
                 continue
             new = _fixed_length(model, ids, att, max_new_tokens, do_sample, temperature,
                                 allowed_token_ids, generator)
-            toks = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in new.cpu()]
-            out.extend(" ".join(t) for t in toks)
+            for row in new.cpu().tolist():
+                out.append(GeneratedText(" ".join(tokenizer.convert_ids_to_tokens(row)), row))
     finally:
         model.train(was_training)
     return out
+
+
+def _until_eos(row: list[int], eos: int | None, pad: int) -> list[int]:
+    """The generated ids up to and including the first EOS (``generate`` pads after it)."""
+    if eos is not None and eos in row:
+        return row[: row.index(eos) + 1]
+    if pad != eos:
+        while row and row[-1] == pad:
+            row = row[:-1]
+    return row
 
 
 def _fixed_length(model, ids, att, n, do_sample, temperature, allowed, generator):
@@ -253,6 +286,8 @@ class AlignTrainer:
             raise ValueError("the tokenizer needs a pad or eos token")
         self.model = model
         self.tokenizer = tokenizer
+        if cfg.disable_dropout:
+            disable_dropout(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -277,8 +312,8 @@ class AlignTrainer:
                        max_new_tokens=c.max_new_tokens, do_sample=c.do_sample,
                        temperature=c.temperature, allowed_token_ids=self.allowed_token_ids,
                        generator=self.generator)
-        # an empty generation (immediate EOS) cannot be scored as a response: keep one token
-        return [s if s.strip() else self.tokenizer.eos_token or "." for s in out]
+        # an immediate EOS decodes to "" but is still a response: its token ids are kept
+        return out
 
     def batches(self, n: int) -> Iterable[list[int]]:
         """Indices of one shuffled epoch in batches of ``batch_size``."""

@@ -37,6 +37,7 @@ from optfm.alignment.common import (
     PREF_COLUMNS,
     AlignConfig,
     AlignTrainer,
+    disable_dropout,
     frozen_copy,
     rows,
     stops_at_budget,
@@ -121,6 +122,19 @@ def sequence_reward(reward_model: nn.Module, tokenizer: Any, prompts: list[str],
     ``*ForSequenceClassification`` with ``num_labels=1``; it scores the last non-pad token, so
     the tokenizer's pad id must differ from its eos id)."""
     device = next(reward_model.parameters()).device
+    cfg = getattr(reward_model, "config", None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model_pad = getattr(cfg, "pad_token_id", None)
+    if cfg is not None and hasattr(cfg, "pad_token_id") and model_pad != pad:
+        raise ValueError(f"reward_model.config.pad_token_id is {model_pad} but batches are padded "
+                         f"with {pad}; the model would score a padding position. Set "
+                         f"reward_model.config.pad_token_id = {pad}")
+    if cfg is not None and add_eos and model_pad is not None \
+            and model_pad == tokenizer.eos_token_id:
+        raise ValueError("the tokenizer pads with its EOS token, so a sequence classifier would "
+                         "read the reward before the appended EOS; give the tokenizer a distinct "
+                         "pad token (tokenizer.add_special_tokens({'pad_token': '[PAD]'})) or "
+                         "use add_eos=False")
     batch = encode_pairs(tokenizer, prompts, responses, add_eos=add_eos, max_length=max_length,
                          device=device)
     out = reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -170,6 +184,8 @@ class RFTTrainer(AlignTrainer):
         if not self.demos and not self.prefs:
             raise ValueError("RFT needs demonstrations or preferences")
         self.reward_model = reward_model
+        if self.config.disable_dropout:
+            disable_dropout(reward_model)
         self.reward_opt = torch.optim.AdamW(
             [p for p in reward_model.parameters() if p.requires_grad],
             lr=reward_lr if reward_lr is not None else self.config.lr)

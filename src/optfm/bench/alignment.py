@@ -8,7 +8,7 @@ and 8 completion tokens each, no EOS). The policy is a ``GPT2LMHeadModel`` from
 :func:`optfm.models.tiny_gpt2`: the experiment's policy (d = 64, 2 layers, 4 heads, 32 positions)
 and a second size (d = 128, 4 layers), fp32, built from one seed. Both sides run the library's
 trainers with the experiment's settings (:func:`make_config`: AdamW lr 1e-3, batch
-:data:`BATCH`, β = 0.1, gradient clipping at norm 1, the fixed-length sampler restricted to the
+:data:`BATCH`, β = 0.5, gradient clipping at norm 1, the fixed-length sampler restricted to the
 16 response tokens, ``max_new_tokens`` = 8, ``add_eos=False``).
 
 What is timed (exactly these calls, on trainers built once, so AdamW state persists as in a run):
@@ -57,12 +57,12 @@ note of the total row gives its time per batch), and GPT-2's default dropout (0.
 the passes with grad (the trainers keep the policy in train mode) and off in generation and in
 the reference passes (eval mode), as in a real run.
 
-Measured on 2 CPU cores, one thread, three runs of ``optfm bench alignment`` (default
-``--repeats 7``, about 30 s): an IRFT stage costs 3.86-3.93x an SFT epoch at d = 64 and
-4.06-4.07x at d = 128. Of that, generation is 1.18-1.21x (d = 64) and 1.46-1.47x (d = 128), the
-two reference passes 0.81-0.82x and 0.67-0.68x, the policy passes and steps 1.80-1.85x and
+Measured on 2 CPU cores, one thread, five runs of ``optfm bench alignment`` (default
+``--repeats 7``, about 30 s each): an IRFT stage costs 3.86-4.07x an SFT epoch at d = 64 and
+4.03-4.07x at d = 128. Of that, generation is 1.18-1.28x (d = 64) and 1.43-1.47x (d = 128), the
+two reference passes 0.81-0.85x and 0.67-0.68x, the policy passes and steps 1.80-1.89x and
 1.87-1.91x (twice the sequences of SFT: about 2x, as expected); the rest is 0.03-0.06x.
-``model.generate`` takes 0.49-0.50x (d = 64) and 0.30-0.31x (d = 128) of the fixed-length
+``model.generate`` takes 0.49-0.50x (d = 64) and 0.29-0.31x (d = 128) of the fixed-length
 sampler's time for the same 256 x 8 tokens.
 """
 
@@ -158,8 +158,9 @@ class Setup:
 
 
 def make_config(batch: int = BATCH, *, seed: int = 0, **overrides: Any) -> AlignConfig:
-    """The experiment's trainer settings (``optfm.experiments.alignment``), one epoch."""
-    base = dict(lr=1e-3, batch_size=batch, beta=0.1, sampler="fixed", max_new_tokens=8,
+    """The experiment's trainer settings (``optfm.experiments.alignment``; its first lr), one
+    epoch. Only batch size, sampler, token counts and clipping change what a step costs."""
+    base = dict(lr=1e-3, batch_size=batch, beta=0.5, sampler="fixed", max_new_tokens=8,
                 add_eos=False, do_sample=True, epochs=1, seed=seed)
     base.update(overrides)
     return AlignConfig(**base).validate()
@@ -285,7 +286,8 @@ def _stage_rows(model_kwargs: dict[str, int], setup: Setup, rounds: int) -> list
     irft = TimedIRFT(build_model(model_kwargs, setup), tok, demos, cfg, stages=1,
                      allowed_token_ids=setup.allowed_token_ids)
     sft = TimedSFT(build_model(model_kwargs, setup), tok, demos, cfg)
-    _run(irft), _run(sft)  # warm-up: AdamW state, allocator
+    for tr in (irft, sft):  # warm-up: AdamW state, allocator
+        _run(tr)
     irft_t: list[float] = []
     sft_t: list[float] = []
     comp: dict[str, list[float]] = {k: [] for k in COMPONENTS}

@@ -27,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "IGNORE_INDEX",
+    "GeneratedText",
     "check_tokenizer_model",
     "encode_pairs",
     "generate_greedy",
@@ -37,6 +38,18 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+
+
+class GeneratedText(str):
+    """A decoded sample that remembers the exact token ids it was decoded from (``token_ids``,
+    including a final EOS when the model generated one). :func:`encode_pairs` scores these ids."""
+
+    token_ids: tuple[int, ...]
+
+    def __new__(cls, text: str, token_ids: Sequence[int]) -> GeneratedText:
+        obj = super().__new__(cls, text)
+        obj.token_ids = tuple(int(t) for t in token_ids)
+        return obj
 
 
 def _pad_id(tokenizer) -> int:
@@ -77,6 +90,9 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
                  ) -> dict[str, torch.Tensor]:
     """Tokenise (prompt, response) pairs into a right-padded batch with prompt-masked labels.
 
+    A response that carries ``token_ids`` (a :class:`GeneratedText` from a sampler) is used as
+    those exact tokens, with no EOS added: decoding and re-encoding can change the tokens of
+    byte-level BPE vocabularies, and a sample keeps its EOS only if the model produced one.
     ``max_length`` defaults to the model's context length when ``model`` is given; a pair longer
     than it raises ``ValueError`` (nothing is silently truncated). Empty responses are refused.
     """
@@ -92,14 +108,18 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
     rows: list[list[int]] = []
     starts: list[int] = []
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        if not isinstance(r, str) or not r.strip():
+        if not isinstance(r, str) or (not r.strip() and not getattr(r, "token_ids", None)):
             raise ValueError(f"response {i} is empty; every pair needs a non-empty response")
         ids_p = list(tokenizer(p, add_special_tokens=True)["input_ids"])
-        ids_r = list(tokenizer(r, add_special_tokens=False)["input_ids"])
+        given = getattr(r, "token_ids", None)
+        if given is not None:  # a sampled response: score exactly the tokens that were sampled
+            ids_r = [int(t) for t in given]
+        else:
+            ids_r = list(tokenizer(r, add_special_tokens=False)["input_ids"])
+            if add_eos and ids_r:
+                ids_r.append(int(eos))
         if not ids_r:
             raise ValueError(f"response {i} ({r!r}) tokenises to no tokens")
-        if add_eos:
-            ids_r.append(int(eos))
         ids = ids_p + ids_r
         if max_length is not None and len(ids) > max_length:
             raise ValueError(

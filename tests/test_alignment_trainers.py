@@ -215,3 +215,15 @@ def test_reward_model_pad_id_must_match(lm):
     rm.config.pad_token_id = tok.eos_token_id
     with pytest.raises(ValueError, match="pad_token_id"):
         sequence_reward(rm, tok, ["c0 d1"], ["t1"])
+
+
+def test_rlhf_reward_warmup_fits_the_reward_model_first(lm):
+    model, tok = copy.deepcopy(lm[0]), lm[1]
+    tr = RFTTrainer(model, tok, DEMOS, _reward_model(tok), prefs=PREFS, w_demo=0.0, w_pref=1.0,
+                    reward_warmup_steps=20, reward_lr=3e-3, max_steps=2, batch_size=8,
+                    samples_per_prompt=2, sampler="fixed", max_new_tokens=4,
+                    allowed_token_ids=_allowed(tok))
+    hist = tr.train()
+    assert len(tr.reward_warmup_log) == 20 and len(hist) == 2
+    assert tr.reward_warmup_log[-1]["rm_pref_acc"] == 1.0
+    assert tr.reward_warmup_log[-1]["rm_loss"] < tr.reward_warmup_log[0]["rm_loss"]

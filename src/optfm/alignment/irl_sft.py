@@ -158,13 +158,15 @@ class RFTTrainer(AlignTrainer):
         prefs, w_demo, w_pref: optional preference pairs whose Bradley–Terry loss (weight w_pref)
             joins the demonstration term (weight w_demo) in the reward step.
         ref_model: the KL reference (default: a frozen copy of the policy at the start).
+        reward_warmup_steps: reward-model steps before the first policy step (SFT → RM → RL);
+            the policy's step budget does not count them.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, demos: Any, reward_model: nn.Module,
                  config: AlignConfig | None = None, *, samples_per_prompt: int = 4,
                  kl_coef: float = 0.05, reward_lr: float | None = None, prefs: Any = None,
                  w_demo: float = 1.0, w_pref: float = 0.0, ref_model: nn.Module | None = None,
-                 **kw: Any) -> None:
+                 reward_warmup_steps: int = 0, **kw: Any) -> None:
         super().__init__(model, tokenizer, config, **kw)
         self.demos = rows(demos, DEMO_COLUMNS, "demos") if w_demo > 0 or prefs is None else []
         if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) \
@@ -193,6 +195,12 @@ class RFTTrainer(AlignTrainer):
         self.kl_coef = float(kl_coef)
         self.w_demo, self.w_pref = float(w_demo), float(w_pref)
         self.ref_model = ref_model if ref_model is not None else frozen_copy(model)
+        if isinstance(reward_warmup_steps, bool) or not isinstance(reward_warmup_steps, int) \
+                or reward_warmup_steps < 0:
+            raise ValueError(f"reward_warmup_steps must be an integer >= 0, got "
+                             f"{reward_warmup_steps!r}")
+        self.reward_warmup_steps = reward_warmup_steps
+        self.reward_warmup_log: list[dict[str, float]] = []
 
     def reward(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return sequence_reward(self.reward_model, self.tokenizer, prompts, responses,
@@ -237,13 +245,12 @@ class RFTTrainer(AlignTrainer):
         loss = -(adv * lp).mean()
         self.update(loss, reward=r.mean(), kl=kl.mean(), **log)
 
-    @stops_at_budget
-    def train(self) -> list[dict[str, Any]]:
-        c = self.config
+    def _batches_of_work(self):
+        """(prompts, demo completions, preference batch) per step, epoch after epoch."""
         source = self.demos if self.demos else self.prefs
         n_pref = len(self.prefs)
         pref_perm: list[int] = []
-        for _ in range(c.epochs):
+        while True:
             for idx in self.batches(len(source)):
                 prompts = [source[i]["prompt"] for i in idx]
                 demos = [self.demos[i]["completion"] for i in idx] if self.demos else []
@@ -253,10 +260,24 @@ class RFTTrainer(AlignTrainer):
                         if not pref_perm:
                             pref_perm = torch.randperm(n_pref, generator=self.generator).tolist()
                         pref_batch.append(self.prefs[pref_perm.pop()])
-                rep = [p for p in prompts for _ in range(self.k)]
-                samples = self.sample(self.model, rep)
-                own = samples[:: self.k]  # one own sample per prompt for the reward step
-                log = self._reward_step(prompts, demos, own, pref_batch)
-                self.model.train()
-                self._policy_step(rep, samples, log)
+                yield prompts, demos, pref_batch
+
+    @stops_at_budget
+    def train(self) -> list[dict[str, Any]]:
+        c = self.config
+        work = self._batches_of_work()
+        for _ in range(self.reward_warmup_steps):  # SFT -> RM -> RL: fit the reward model first
+            prompts, demos, pref_batch = next(work)
+            own = self.sample(self.model, prompts) if demos else []
+            self.reward_warmup_log.append(self._reward_step(prompts, demos, own, pref_batch))
+        n_source = len(self.demos if self.demos else self.prefs)
+        steps_per_epoch = -(-n_source // c.batch_size)
+        for _ in range(c.epochs * steps_per_epoch):
+            prompts, demos, pref_batch = next(work)
+            rep = [p for p in prompts for _ in range(self.k)]
+            samples = self.sample(self.model, rep)
+            own = samples[:: self.k]  # one own sample per prompt for the reward step
+            log = self._reward_step(prompts, demos, own, pref_batch)
+            self.model.train()
+            self._policy_step(rep, samples, log)
         return self.history

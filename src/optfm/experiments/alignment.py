@@ -68,6 +68,7 @@ class AlignmentExperimentConfig(ExperimentConfig):
     budget_steps: int = 60
     irft_stages: int = 5
     rloo_samples: int = 4
+    rm_warmup_steps: int = 100  # SFT→RM→RLOO: reward-model steps on the preferences first
     kl_coef: float = 0.05
     # (a) demonstrations
     demo_counts: tuple[int, ...] = (250, 1000)
@@ -296,7 +297,7 @@ def train_method(method: str, config: AlignmentExperimentConfig, world: World, m
         rm = world.new_reward_model()
         tr = RFTTrainer(model, tok, demos, rm, cfg, allowed_token_ids=allowed, prefs=prefs,
                         w_demo=0.0, w_pref=1.0, samples_per_prompt=config.rloo_samples,
-                        kl_coef=config.kl_coef)
+                        kl_coef=config.kl_coef, reward_warmup_steps=config.rm_warmup_steps)
     elif method in ("aihf_nll", "aihf_self_play"):
         form = method.split("_", 1)[1]
         tr = AIHFTrainer(model, tok, demos, prefs, cfg, form=form, allowed_token_ids=allowed,
@@ -330,7 +331,7 @@ class AlignmentExperiment(Experiment):
                 n_embd=32, sft_epochs=3, budget_steps=6, demo_counts=(64,), demo_noise=(0.0,),
                 lrs=(1e-3,),
                 pref_demos=64, pref_counts=(64,), eval_prompts=64, eval_pairs=64, n_seeds=1,
-                batch_size=16, rloo_samples=2),
+                batch_size=16, rloo_samples=2, rm_warmup_steps=4),
             "quick": AlignmentExperimentConfig(),
             "full": AlignmentExperimentConfig(
                 demo_counts=(125, 250, 500, 2000), demo_noise=(0.0, 0.2, 0.4),

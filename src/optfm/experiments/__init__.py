@@ -7,6 +7,7 @@ Importing this package registers every experiment.
 from optfm.experiments import (  # noqa: F401  (register)
     alignment,
     digits_baseline,
+    dno,
     dp_audit,
     dp_filters,
     sltrain,

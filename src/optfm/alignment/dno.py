@@ -151,6 +151,24 @@ def probability_regularizer(noise: Tensor, *, d: int = 4, n_permutations: int = 
 RewardFn = Callable[[Tensor, Any, Any], Any]
 
 
+def _modules_of(sampler: Any, depth: int = 0) -> list[nn.Module]:
+    """The modules a sampler runs: itself if a Module, else its ``unet``/``vae`` (also through
+    a wrapping ``sampler``/``inner`` attribute)."""
+    if isinstance(sampler, nn.Module):
+        return [sampler]
+    out: list[nn.Module] = []
+    for name in ("unet", "vae"):
+        m = getattr(sampler, name, None)
+        if isinstance(m, nn.Module):
+            out.append(m)
+    if depth < 3:
+        for name in ("sampler", "inner"):
+            inner = getattr(sampler, name, None)
+            if inner is not None and inner is not sampler:
+                out.extend(_modules_of(inner, depth + 1))
+    return out
+
+
 class DNO:
     """Direct Noise Optimization of a frozen sampler's injected noise (see module docstring).
 
@@ -247,10 +265,11 @@ class DNO:
         self.best_samples: Tensor | None = None
         self.best_noise: Tensor | None = None
         self._samples_cache: tuple[int, Tensor] | None = None
-        if isinstance(sampler, nn.Module) and any(p.requires_grad for p in sampler.parameters()):
+        if any(p.requires_grad for m in _modules_of(sampler) for p in m.parameters()):
             import warnings
-            warnings.warn("DNO: the sampler has parameters with requires_grad=True; they are "
-                          "not optimised (call sampler.requires_grad_(False) to save memory)",
+            warnings.warn("DNO: the sampler's model has parameters with requires_grad=True; "
+                          "they are not optimised, only their gradients cost time and memory "
+                          "(call unet.requires_grad_(False) and vae.requires_grad_(False))",
                           stacklevel=2)
 
     # ----------------------------------------------------------------- helpers

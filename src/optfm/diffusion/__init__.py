@@ -24,7 +24,7 @@ With classifier-free guidance ε̂ = ε_u + s (ε_c − ε_u). η = 0 is determi
 matters); η = 1 gives DDPM-like ancestral steps.
 """
 
-from optfm.diffusion.sampler import DDIMSampler
+from optfm.diffusion.sampler import ConditionedSampler, DDIMSampler
 from optfm.diffusion.train import (
     DIGITS_SCHEDULER_CONFIG,
     digits_images,
@@ -35,6 +35,7 @@ from optfm.diffusion.train import (
 
 __all__ = [
     "DIGITS_SCHEDULER_CONFIG",
+    "ConditionedSampler",
     "DDIMSampler",
     "digits_images",
     "digits_unet_cache_path",

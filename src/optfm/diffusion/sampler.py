@@ -207,8 +207,48 @@ class DDIMSampler:
 
     __call__ = sample
 
+    def conditioned(self, encoder_hidden_states: torch.Tensor,
+                    negative_encoder_hidden_states: torch.Tensor | None = None
+                    ) -> ConditionedSampler:
+        """This sampler with its text conditioning bound: a callable ``noise -> samples`` with
+        ``eta`` (what :class:`optfm.alignment.DNO` needs for a prompted model)."""
+        self._prepare_cond(encoder_hidden_states, negative_encoder_hidden_states, 1)
+        return ConditionedSampler(self, encoder_hidden_states, negative_encoder_hidden_states)
+
     def __repr__(self) -> str:
         return (f"DDIMSampler(steps={self.num_inference_steps}, eta={self.eta}, "
                 f"guidance_scale={self.guidance_scale}, "
                 f"gradient_checkpointing={self.gradient_checkpointing}, "
                 f"no_grad_steps={self.no_grad_steps}, vae={self.vae is not None})")
+
+
+class ConditionedSampler:
+    """A :class:`DDIMSampler` with bound ``encoder_hidden_states`` (see
+    :meth:`DDIMSampler.conditioned`); embeddings with batch 1 are broadcast to the noise batch."""
+
+    def __init__(self, sampler: DDIMSampler, encoder_hidden_states: torch.Tensor,
+                 negative_encoder_hidden_states: torch.Tensor | None) -> None:
+        self.sampler = sampler
+        self.encoder_hidden_states = encoder_hidden_states
+        self.negative_encoder_hidden_states = negative_encoder_hidden_states
+
+    @property
+    def eta(self) -> float:
+        return self.sampler.eta
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.sampler.unet
+
+    @property
+    def vae(self) -> torch.nn.Module | None:
+        return self.sampler.vae
+
+    def noise_shape(self, batch_size: int, latent_shape: tuple[int, ...] | None = None
+                    ) -> tuple[int, ...]:
+        return self.sampler.noise_shape(batch_size, latent_shape)
+
+    def __call__(self, noise: torch.Tensor) -> torch.Tensor:
+        return self.sampler.sample(
+            noise, encoder_hidden_states=self.encoder_hidden_states,
+            negative_encoder_hidden_states=self.negative_encoder_hidden_states)

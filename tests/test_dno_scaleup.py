@@ -31,7 +31,8 @@ def _components():
                         up_block_types=("UpDecoderBlock2D",) * 2)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
                                         num_hidden_layers=1, num_attention_heads=2,
-                                        max_position_embeddings=8))
+                                        max_position_embeddings=8, pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=2))
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

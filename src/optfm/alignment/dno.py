@@ -138,11 +138,11 @@ def probability_regularizer(noise: Tensor, *, d: int = 4, n_permutations: int = 
         return torch.nn.functional.pad(u, (0, n_pad)) if n_pad else u
 
     natural = _log_probs(padded(v), d)  # (B,)
-    perms = _draw_perms(n_permutations, size, generator, v.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, b * (size + n_pad)))
     total = torch.zeros_like(natural)
     for start in range(0, n_permutations, chunk):
-        idx = perms[start:start + chunk]  # (k, D)
+        # drawn chunk by chunk (same sequence of draws), so only k·D indices live at once
+        idx = _draw_perms(min(chunk, n_permutations - start), size, generator, v.device)
         shuffled = v[:, idx]  # (B, k, D)
         total = total + _log_probs(padded(shuffled), d).sum(dim=1)
     return -(natural + total / n_permutations)

@@ -322,7 +322,7 @@ class AlignmentExperiment(Experiment):
     description = ("IRFT/RFT vs SFT/SPIN with limited or noisy demonstrations, and AIHF vs "
                    "SFT→DPO / SFT→RM→RLOO with scarce preferences, on a task with an exact optimum.")
     config_cls = AlignmentExperimentConfig
-    minutes = {"smoke": 0.4, "quick": 6.0, "full": 40.0}
+    minutes = {"smoke": 0.4, "quick": 9.0, "full": 90.0}
 
     @classmethod
     def profiles(cls) -> dict[str, AlignmentExperimentConfig]:

@@ -403,7 +403,10 @@ class SLTrainExperiment(Experiment):
                     continue
                 for k in ("params", "static_bytes", "peak_rss_bytes", "peak_rss_added_bytes",
                           "step_time_s"):
-                    metrics[f"ratio_{k}_{lab}_vs_full"] = metrics[f"{k}_{lab}"] / metrics[f"{k}_full"]
+                    den = metrics[f"{k}_full"]
+                    # a tiny smoke model can add no measurable RSS above the baseline: no ratio
+                    metrics[f"ratio_{k}_{lab}_vs_full"] = (metrics[f"{k}_{lab}"] / den if den
+                                                           else float("nan"))
                 ratios.append(
                     f"- **{lab} / full rank**: parameters {metrics[f'ratio_params_{lab}_vs_full']:.2f}×, "
                     f"static memory {metrics[f'ratio_static_bytes_{lab}_vs_full']:.2f}×, "

@@ -89,7 +89,7 @@ class DNOExperiment(Experiment):
     description = ("Direct Noise Optimization of a frozen digits diffusion model: reward hacking "
                    "and the probability regulariser, η = 1 vs 0, a non-differentiable reward.")
     config_cls = DNOExperimentConfig
-    minutes = {"smoke": 0.5, "quick": 6.0, "full": 30.0}
+    minutes = {"smoke": 0.5, "quick": 10.0, "full": 60.0}
 
     @classmethod
     def profiles(cls) -> dict[str, DNOExperimentConfig]:
@@ -228,29 +228,36 @@ class DNOExperiment(Experiment):
 
     def _plot_curves(self, config, groups, order, ctx) -> str:
         plt = pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        panels = [("brightness", "brightness (mean pixel)"),
+                  ("classifier", "log p(target) (MLP)"), ("hybrid_rf", "RF p(target)")]
+        present = [(k, t) for k, t in panels
+                   if any(groups[lab][0]["kind"].startswith(k) for lab in order)]
+        fig, axes = plt.subplots(1, len(present) + 1, figsize=(4.2 * (len(present) + 1), 3.8),
+                                 squeeze=False)
+        axes = axes[0]
         cmap = plt.get_cmap("tab10")
         for i, label in enumerate(order):
             rs = groups[label]
             its = [e["iteration"] for e in rs[0]["evals"]]
             rew = np.mean([[e["reward"] for e in r["evals"]] for r in rs], axis=0)
             ll = np.mean([[e["gmm_loglik"] for e in r["evals"]] for r in rs], axis=0)
-            # rewards have different scales: plot the change from the start
-            axes[0].plot(its, rew - rew[0], marker="o", color=cmap(i), label=label)
-            axes[1].plot(its, ll, marker="o", color=cmap(i), label=label)
-        axes[0].set(xlabel="DNO iteration", ylabel="reward − reward at start",
-                    title="Reward gain")
-        axes[1].set(xlabel="DNO iteration", ylabel="PCA-GMM log-likelihood (↑ in distribution)",
-                    title="In-distribution check")
+            j = next(n for n, (k, _) in enumerate(present) if rs[0]["kind"].startswith(k))
+            axes[j].plot(its, rew, marker="o", color=cmap(i), label=label)
+            axes[-1].plot(its, ll, marker="o", color=cmap(i), label=label)
+        for ax, (_, title) in zip(axes, present):
+            ax.set(xlabel="DNO iteration", ylabel="reward", title=title)
+            ax.legend(fontsize=7)
+        axes[-1].set(xlabel="DNO iteration", ylabel="PCA-GMM log-likelihood",
+                     title="In distribution? (↑)")
+        axes[-1].legend(fontsize=6)
         for ax in axes:
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7)
         return ctx.savefig(fig, "curves.png")
 
     def _plot_grid(self, groups, order, ctx) -> str:
         plt = pyplot()
         first = groups[order[0]][0]
-        rows = [("initial noise (shared)", first["initial_samples"])]
+        rows = [("start (η = 1 arms)", first["initial_samples"])]
         rows += [(label, groups[label][0]["final_samples"]) for label in order]
         n = len(first["initial_samples"])
         fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.0), squeeze=False)

@@ -25,6 +25,16 @@ matters); η = 1 gives DDPM-like ancestral steps.
 """
 
 from optfm.diffusion.sampler import ConditionedSampler, DDIMSampler
+from optfm.diffusion.text2image import (
+    PROMPT_DIGITS,
+    PROMPT_LENGTH,
+    PROMPT_STYLES,
+    TextToImage,
+    digit_prompt,
+    load_or_train_second_unet,
+    load_or_train_text2image,
+    train_text2image,
+)
 from optfm.diffusion.train import (
     DIGITS_SCHEDULER_CONFIG,
     digits_images,
@@ -35,10 +45,18 @@ from optfm.diffusion.train import (
 
 __all__ = [
     "DIGITS_SCHEDULER_CONFIG",
+    "PROMPT_DIGITS",
+    "PROMPT_LENGTH",
+    "PROMPT_STYLES",
     "ConditionedSampler",
     "DDIMSampler",
+    "TextToImage",
+    "digit_prompt",
     "digits_images",
     "digits_unet_cache_path",
     "load_or_train_digits_unet",
+    "load_or_train_second_unet",
+    "load_or_train_text2image",
     "train_digits_unet",
+    "train_text2image",
 ]

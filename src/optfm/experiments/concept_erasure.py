@@ -42,9 +42,9 @@ METHODS = ("original", "esd", "advunlearn")
 class ConceptErasureConfig(ExperimentConfig):
     t2i_steps: int = 800  # training steps of the text-to-image model (cached)
     concept_digit: int = 7
-    iterations: int = 60
-    warmup: int = 20
-    lr: float = 1e-4
+    iterations: int = 100
+    warmup: int = 33
+    lr: float = 1e-3  # the tiny model needs a larger lr than SD's 1e-5 (1e-4: nothing erased)
     gammas: tuple[float, ...] = (0.0, 0.3, 1.0)
     attack_steps: int = 10
     ddim_steps: int = 20  # partial sampling and evaluation
@@ -194,7 +194,7 @@ class ConceptErasureExperiment(Experiment):
                                           ddim_steps=4, n_eval=8, n_retain_eval=4,
                                           discrete_steps=2, gammas=(1.0,), n_seeds=1),
             "quick": ConceptErasureConfig(),
-            "full": ConceptErasureConfig(iterations=200, warmup=50, attack_steps=30,
+            "full": ConceptErasureConfig(iterations=300, warmup=100, attack_steps=30,
                                          n_eval=64, n_seeds=5),
         }
 

@@ -171,6 +171,9 @@ def evaluate(t2i, text_encoder, unet, judge: _Judge, config, seed: int,
         xr = _generate(t2i, text_encoder, unet, e, config.n_retain_eval, config, seed + 100 + d)
         feats.append(judge.features(xr).numpy())
         align.append(float(judge.probs(xr)[:, d].mean()))
+        if "samples_retained" not in out:  # the first retained digit, for the sample grid
+            out["samples_retained"] = xr[:8].reshape(len(xr[:8]), -1).tolist()
+            out["retained_digit"] = d
     real = judge.real_feats
     out["fd_retain"] = frechet_distance(np.concatenate(feats), real)
     out["prompt_alignment"] = float(np.mean(align))
@@ -284,7 +287,7 @@ class ConceptErasureExperiment(Experiment):
                         ("asr_none", "asr_soft", "prompt_alignment")]
                 plug_rows.append(f"| {label} | " + " | ".join(f"{m:.3f} ± {s:.3f}"
                                                              for m, s in vals) + " |")
-        figs = [self._plot(config, groups, order, ctx)]
+        figs = [self._plot(config, groups, order, ctx), self._grid(config, groups, order, ctx)]
         summary = [
             f"Concept: digit {config.concept_digit}; t2i model {config.t2i_steps} training steps "
             f"(cached); {config.iterations} unlearning iterations (AdvUnlearn warm-up "
@@ -294,6 +297,30 @@ class ConceptErasureExperiment(Experiment):
             "seed(s); mean ± s.e.",
             "", *rows, "", *plug_rows, "", *(f"![{f}]({f})" for f in figs)]
         return Outcome(metrics=metrics, summary="\n".join(summary))
+
+    def _grid(self, config, groups, order, ctx) -> str:
+        plt = pyplot()
+        r0 = groups[order[0]][0]
+        n = len(r0["samples_concept"])
+        fig, axes = plt.subplots(len(order), 2 * n + 1, figsize=((2 * n + 1) * 0.7,
+                                                                  len(order) * 0.8),
+                                 squeeze=False)
+        for i, label in enumerate(order):
+            r = groups[label][0]
+            imgs = [*r["samples_concept"], None, *r["samples_retained"]]
+            for j, img in enumerate(imgs):
+                ax = axes[i][j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if img is None:
+                    ax.axis("off")
+                    continue
+                ax.imshow(np.asarray(img).reshape(8, 8), cmap="gray", vmin=-1, vmax=1)
+            axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+        fig.suptitle(f"Left: prompt for the erased digit {config.concept_digit}; right: "
+                     f"retained digit {r0['retained_digit']} (seed {config.seed}, no attack)",
+                     fontsize=8)
+        return ctx.savefig(fig, "samples.png")
 
     def _plot(self, config, groups, order, ctx) -> str:
         plt = pyplot()

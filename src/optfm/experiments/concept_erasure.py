@@ -154,7 +154,8 @@ def evaluate(t2i, text_encoder, unet, judge: _Judge, config, seed: int,
             xx = _generate(t2i, text_encoder, unet, e, 8, config, seed + 11)
             return bool((judge.probs(xx).argmax(-1) == c).float().mean() >= 0.5)
 
-        res = DiscreteAttack(steps=config.discrete_steps, check_every=5, seed=seed)(
+        res = DiscreteAttack(steps=config.discrete_steps, check_every=5, seed=seed,
+                             forbidden_ids=tuple(t2i.tokenizer.all_special_ids))(
             text_encoder, unet, ids8, x_t, t, target, success_fn=success)
         with torch.no_grad():
             e_disc = text_encoder(input_ids=res.prompt_ids.view(1, -1)).last_hidden_state

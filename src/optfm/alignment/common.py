@@ -26,6 +26,7 @@ from optfm.training.lm import (
     GeneratedText,
     check_tokenizer_model,
     encode_pairs,
+    left_pad_prompts,
     sequence_logprob,
 )
 
@@ -189,14 +190,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
     out: list[str] = []
     try:
         for b in range(0, len(prompts), batch_size):
-            chunk = [list(tokenizer(p, add_special_tokens=True)["input_ids"])
-                     for p in prompts[b: b + batch_size]]
-            width = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            att = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, c in enumerate(chunk):
-                ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
-                att[i, width - len(c):] = 1
+            ids, att = left_pad_prompts(tokenizer, prompts[b: b + batch_size])
+            width = ids.shape[1]
             ids, att = ids.to(device), att.to(device)
             if sampler == "generate":
                 kw = {"do_sample": do_sample, "temperature": temperature} if do_sample else {

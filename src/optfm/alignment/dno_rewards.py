@@ -28,6 +28,7 @@ RBF ``SVC``-s, a model family none of the rewards use), and ``||z||^2 / D`` of t
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import zlib
@@ -257,13 +258,14 @@ class ClassifierReward:
         return reward, info
 
 
-class _NoGradReward:
+class _NoGradReward(abc.ABC):
     """Base of the non-differentiable rewards: NumPy in, detached float32 tensor out."""
 
     differentiable = False
 
+    @abc.abstractmethod
     def _numpy_reward(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-        raise NotImplementedError
+        """Implemented by each subclass."""
 
     def __call__(self, samples: torch.Tensor, prompts: Any = None,
                  metadata: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:

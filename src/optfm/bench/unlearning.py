@@ -72,6 +72,7 @@ runs with ``--threads 1`` by default).
 
 from __future__ import annotations
 
+import abc
 import random
 import statistics
 import time
@@ -211,14 +212,15 @@ def build_model(model_kwargs: dict[str, int], batches: Batches, *, seed: int = 0
 # the timed steps
 
 
-class _Arm:
+class _Arm(abc.ABC):
     def __init__(self, model_kwargs: dict[str, int], batches: Batches) -> None:
         self.model = build_model(model_kwargs, batches)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
         self.batches = batches
 
+    @abc.abstractmethod
     def step(self) -> None:
-        raise NotImplementedError
+        """Implemented by each subclass."""
 
     def run(self, steps: int) -> None:
         for _ in range(steps):

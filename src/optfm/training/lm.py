@@ -31,6 +31,7 @@ __all__ = [
     "check_tokenizer_model",
     "encode_pairs",
     "generate_greedy",
+    "left_pad_prompts",
     "lm_loss",
     "response_nll",
     "sequence_logprob",
@@ -181,6 +182,20 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return -logp.sum() / n
 
 
+def left_pad_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of prompts padded on the left (with the pad or EOS id), so
+    that generated tokens of every row start in the same column."""
+    pad = _pad_id(tokenizer)
+    chunk = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    width = max(len(c) for c in chunk)
+    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+    att = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, c in enumerate(chunk):
+        ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
+        att[i, width - len(c):] = 1
+    return ids, att
+
+
 @torch.no_grad()
 def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[str], *,
                     max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
@@ -194,14 +209,8 @@ def generate_greedy(model: nn.Module, tokenizer, prompts: Sequence[str], *,
     out: list[str] = []
     try:
         for b in range(0, len(prompts), batch_size):
-            chunk = [list(tokenizer(p, add_special_tokens=True)["input_ids"])
-                     for p in prompts[b: b + batch_size]]
-            width = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            att = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, c in enumerate(chunk):  # left padding: the continuation starts at one column
-                ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
-                att[i, width - len(c):] = 1
+            ids, att = left_pad_prompts(tokenizer, prompts[b: b + batch_size])
+            width = ids.shape[1]
             gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)

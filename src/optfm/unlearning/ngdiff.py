@@ -33,6 +33,7 @@ Usage with any optimizer::
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -98,7 +99,7 @@ def _cos(dot: float, na: float, nb: float) -> float:
     return dot / (na * nb) if na > 0 and nb > 0 else 0.0
 
 
-class TwoTaskGradient:
+class TwoTaskGradient(abc.ABC):
     """Accumulate the retain and forget gradients in separate buffers; subclasses combine them.
 
     ``accumulate`` runs one backward pass per task (the caller builds both losses, typically from
@@ -159,9 +160,10 @@ class TwoTaskGradient:
             g_f.append(f if f is not None else torch.zeros_like(p))
         return g_r, g_f
 
+    @abc.abstractmethod
     def _combine(self, g_r: list[torch.Tensor], g_f: list[torch.Tensor], nr: float, nf: float
                  ) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Implemented by each subclass."""
 
     @torch.no_grad()
     def direction(self) -> TwoTaskStats:

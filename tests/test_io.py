@@ -71,3 +71,28 @@ def test_atomic_file_is_fsynced_and_renamed_in_same_directory(tmp_path):
     t0 = time.time()
     atomic_write_text(p, "x")
     assert os.stat(p).st_mtime >= t0 - 1
+
+
+def test_atomic_write_dir_renames_complete_dirs_and_keeps_a_winner(tmp_path):
+    from optfm.training.io import atomic_write_dir
+
+    def write(tmp):
+        (tmp / "a.txt").write_text("one")
+        (tmp / "settings.json").write_text("{}")
+
+    out = atomic_write_dir(tmp_path / "entry", write)
+    assert (out / "a.txt").read_text() == "one"
+
+    def second(tmp):
+        (tmp / "a.txt").write_text("two")
+
+    atomic_write_dir(tmp_path / "entry", second)  # an existing complete entry wins
+    assert (out / "a.txt").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # no temp dir left behind
+
+    def broken(tmp):
+        raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_dir(tmp_path / "other", broken)
+    assert not (tmp_path / "other").exists() and [p.name for p in tmp_path.iterdir()] == ["entry"]

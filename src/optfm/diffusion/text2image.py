@@ -39,9 +39,6 @@ import copy
 import hashlib
 import inspect
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +52,7 @@ from optfm.data.corpus import cache_dir
 from optfm.data.digits import load_digits_split
 from optfm.diffusion.sampler import DDIMSampler
 from optfm.diffusion.train import DIGITS_SCHEDULER_CONFIG
-from optfm.training.io import atomic_write_json, read_json
+from optfm.training.io import atomic_write_dir, atomic_write_json, read_json
 from optfm.training.progress import progress
 from optfm.training.seed import make_generator
 
@@ -408,19 +405,11 @@ def _fingerprint(module: torch.nn.Module, tokenizer: Any) -> str:
 
 
 def _save_atomic(model: TextToImage, path: Path, settings: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         atomic_write_json(tmp / "settings.json", settings)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process finished the same entry first: keep theirs
-            if not (path / "settings.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(path, write)
 
 
 def load_or_train_text2image(*, cache: bool = True, **kw: Any) -> TextToImage:

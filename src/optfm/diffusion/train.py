@@ -28,9 +28,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +38,7 @@ import torch.nn.functional as F
 from optfm.data.corpus import cache_dir
 from optfm.data.digits import load_digits_split
 from optfm.models.factories import tiny_unet2d
-from optfm.training.io import atomic_write_json, read_json
+from optfm.training.io import atomic_write_dir, atomic_write_json, read_json
 from optfm.training.progress import progress
 from optfm.training.seed import make_generator
 
@@ -196,9 +193,7 @@ def load_or_train_digits_unet(*, cache: bool = True, **kw: Any):
     unet, config = train_digits_unet(**kw)
     train_time = time.perf_counter() - t0
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
+        def write(tmp: Path) -> None:
             unet.save_pretrained(tmp / "unet", safe_serialization=True)
             # the config as trained (loadable by DDPMScheduler.from_pretrained), not expanded
             # with the defaults of the installed diffusers
@@ -206,12 +201,6 @@ def load_or_train_digits_unet(*, cache: bool = True, **kw: Any):
                               {"_class_name": "DDPMScheduler", **config})
             atomic_write_json(tmp / "settings.json",
                               {**_settings(kw), "train_time_s": train_time})
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process finished the same entry first: keep theirs
-                if not (path / "settings.json").is_file():
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_write_dir(path, write)
     return unet, config

@@ -10,14 +10,16 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
     "atomic_open",
     "atomic_write_bytes",
+    "atomic_write_dir",
     "atomic_write_json",
     "atomic_write_text",
     "read_json",
@@ -98,3 +100,26 @@ def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
+                     marker: str = "settings.json") -> Path:
+    """Fill a fresh temporary directory with ``write(tmp)`` and rename it to ``path``.
+
+    Readers never see a half-written directory. If another process completed the same ``path``
+    first (its ``marker`` file exists), that one is kept; the temporary directory is always removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / marker).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -7,7 +7,7 @@ from tests.conftest import run_cli
 
 
 @pytest.mark.parametrize(("argv", "msg"), [
-    (["run", "nope"], "unknown experiment 'nope'; choose from: alignment, concept-erasure, digits-baseline"),
+    (["run", "nope"], "unknown experiment 'nope'; choose from: alignment, concept-erasure, contrastive, digits-baseline"),
     (["run", "digits-baseline", "--set", "foo=1"], "unknown config key 'foo'; allowed keys: seed"),
     (["run", "digits-baseline", "--set", "steps=abc"], "--set steps='abc': expected int"),
     (["run", "digits-baseline", "--set", "steps"], "--set expects key=value"),
@@ -17,7 +17,7 @@ from tests.conftest import run_cli
     (["run", "digits-baseline", "--resume", "/x"], "do not combine it with a name"),
     (["run"], "run needs an experiment name or 'all'"),
     (["report", "/nonexistent/run"], "run directory not found"),
-    (["bench", "nope"], "unknown benchmark 'nope'; choose from: advunlearn, alignment, digits, dno, privacy, sltrain, unlearning, all"),
+    (["bench", "nope"], "unknown benchmark 'nope'; choose from: advunlearn, alignment, contrastive, digits, dno, privacy, sltrain, unlearning, all"),
     (["bench", "digits", "--repeats", "0"], "--repeats must be >= 1"),
     (["frobnicate"], "invalid choice"),
 ])

@@ -7,6 +7,7 @@ Importing this package registers every experiment.
 from optfm.experiments import (  # noqa: F401  (register)
     alignment,
     concept_erasure,
+    contrastive,
     digits_baseline,
     dno,
     dp_audit,

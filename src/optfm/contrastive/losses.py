@@ -66,6 +66,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -285,18 +286,36 @@ class EMC2State:
             log_u = torch.log(torch.rand((b, n_prop), generator=generator, device=gen_device)).to(
                 device
             )
-            step = torch.zeros(b, dtype=torch.long, device=device)
+            # The scan is sequential in p (each decision depends on the current score) but
+            # vectorised over anchors; it runs on small CPU NumPy arrays, where one step costs
+            # ~1 µs per operation instead of a torch op's ~5 µs. Same float32 arithmetic.
+            valid_np = valid_all.cpu().numpy()
+            s_np = s_all.float().cpu().numpy()
+            lu_np = log_u.float().cpu().numpy()
+            owner_np = owner.cpu().numpy()
+            cur_np, pos_np = cur.cpu().numpy().copy(), cur_pos.cpu().numpy().copy()
+            score_np = score.float().cpu().numpy().copy()
+            beta = np.float32(self.beta)
+            pos_rec = np.empty((b, n_prop), dtype=np.int64)
+            ids_rec = np.empty((b, n_prop), dtype=np.int64)
+            n_acc = 0
             for p in range(n_prop):
-                valid = valid_all[:, p]
-                step += valid.long()
-                acc = valid & (log_u[:, p] < self.beta * (s_all[:, p] - score))
-                cur = torch.where(acc, owner[p], cur)
-                cur_pos = torch.where(acc, torch.full_like(cur_pos, p), cur_pos)
-                score = torch.where(acc, s_all[:, p], score)
-                accepted += acc.sum()
-                mask[a, :, p] = valid & (step > burn)
-                positions[a, :, p] = cur_pos
-                sample_ids[a, :, p] = cur
+                acc = valid_np[:, p] & (lu_np[:, p] < beta * (s_np[:, p] - score_np))
+                if acc.any():
+                    cur_np[acc] = owner_np[p]
+                    pos_np[acc] = p
+                    score_np[acc] = s_np[acc, p]
+                    n_acc += int(acc.sum())
+                pos_rec[:, p] = pos_np
+                ids_rec[:, p] = cur_np
+            step = torch.from_numpy(np.cumsum(valid_np, axis=1)).to(device)
+            mask[a] = valid_all & (step > burn[:, None])
+            positions[a] = torch.from_numpy(pos_rec).to(device)
+            sample_ids[a] = torch.from_numpy(ids_rec).to(device)
+            cur = torch.from_numpy(cur_np).to(device)
+            cur_pos = torch.from_numpy(pos_np).to(device)
+            score = torch.from_numpy(score_np).to(device)
+            accepted += n_acc
         # Carried-over states that were recorded: an in-batch view of the sample, or embed_fn.
         carried = mask & (positions < 0)
         extra_indices = torch.zeros(0, dtype=torch.long, device=device)

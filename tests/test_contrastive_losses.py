@@ -386,3 +386,50 @@ def test_bad_inputs_raise_value_error_naming_parameter() -> None:
         EMC2State(10).sample_negatives(torch.randn(4, 3), torch.tensor([3, 3]))
     with pytest.raises(ValueError, match="z_views"):
         exact_gcl(torch.randn(3, 1, 4))
+
+
+def _emc2_run(scan: str, steps: int = 6) -> list:
+    """A few iterations with duplicates in the batch and chains carried over (some not in batch)."""
+    n, b, d = 30, 6, 4
+    state = EMC2State(n, beta=3.0, burn_in=0.5, scan=scan)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for t in range(steps):
+        index = torch.randint(0, n, (b,), generator=g)
+        index[1] = index[0]  # a duplicate
+        z = torch.randn(2 * b, d, generator=g)
+        if t == 3:  # stale high scores: nothing accepted, carried-over states get recorded
+            state.cur_score[index] = 1e9
+        neg = state.sample_negatives(z, index, g)
+        out.append((neg, state.cur_idx.clone(), state.cur_score.clone()))
+    return out
+
+
+def test_emc2_numba_and_numpy_scans_agree() -> None:
+    pytest.importorskip("numba", reason="numba is the optional fast path (optfm[fast])")
+    for (n1, i1, s1), (n2, i2, s2) in zip(_emc2_run("numba"), _emc2_run("numpy"), strict=True):
+        for f in ("positions", "mask", "extra_indices", "weights", "sample_ids"):
+            assert torch.equal(getattr(n1, f), getattr(n2, f)), f
+        assert n1.acceptance_rate == n2.acceptance_rate
+        assert torch.equal(i1, i2) and torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("scan", ["numpy", "auto"])
+def test_emc2_weights_count_the_recorded_positions(scan: str) -> None:
+    carried_seen = False
+    for neg, _, _ in _emc2_run(scan):
+        b = neg.start_ids.numel()
+        table = b * 2 + neg.extra_indices.numel()
+        expected = torch.zeros(2 * b, table)
+        rows = torch.arange(2 * b).view(2, b, 1).expand_as(neg.positions)
+        expected.index_put_((rows[neg.mask], neg.positions[neg.mask]),
+                            torch.ones(int(neg.mask.sum())), accumulate=True)
+        assert (neg.positions[neg.mask] >= 0).all()
+        assert torch.equal(neg.weights, expected)
+        carried_seen |= neg.extra_indices.numel() > 0
+    assert carried_seen
+
+
+def test_emc2_scan_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="scan must be one of"):
+        EMC2State(10, scan="cuda")

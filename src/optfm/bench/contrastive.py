@@ -29,18 +29,18 @@ samples n, against an fp32 embedding cache of the projector's width (the O(n·d)
 SimCLR 0, SogCLR 5 (``u`` float32 + ``seen`` bool), EMC² 12 (``cur_idx`` int64 + ``cur_score``
 float32), cache 256 (d = 64).
 
-EMC²'s state is O(n) like SogCLR's, but its cost per iteration is not: the in-batch scan is a Python
-loop over the 2b proposals of each of the two views (about 10 small tensor operations each), so
-its overhead grows linearly in b on top of SimCLR's iteration and misses the 1.25x target on a
-CPU (numbers below).
+EMC²'s in-batch scan is sequential in the 2b proposals of each view and vectorised or compiled
+across anchors: numba-compiled with the ``fast`` extra, else a NumPy loop over the proposals
+(``EMC2State.backend`` names the one that ran; the EMC² row's note says which). The NumPy loop's
+overhead grows linearly in b.
 
-Measured on a shared 2-core CPU with one torch thread, three runs of ``optfm bench contrastive``
-(default ``--repeats 7``, 8.3-8.4 s each): SogCLR / SimCLR 1.12-1.16x / 1.09-1.10x / 1.04-1.07x
-and EMC² / SimCLR 1.94-1.99x / 3.29-3.43x / 5.32-5.38x at b = 8 / 32 / 128 (SimCLR 1.40 / 1.81-1.85
-/ 3.80-3.93 ms per iteration; EMC² 2.7 / 6.0-6.3 / 20.2-21.2 ms, i.e. about 33 µs per scan step);
-EMC² acceptance rate 0.56 / 0.61 / 0.75 (deterministic: fixed seeds); state 0 / 5 / 12 bytes per
-sample against 256 for a d = 64 fp32 embedding cache. SogCLR meets the 1.25x target at every batch;
-EMC² misses it at every batch.
+Measured on a shared 2-core CPU with one torch thread (``optfm bench contrastive``, default
+``--repeats 7``, about 4 s), numba scan, two runs: SogCLR / SimCLR 1.11-1.12x / 1.13-1.18x /
+1.08-1.09x and EMC² / SimCLR 1.17-1.20x / 1.13-1.17x / 1.19x at b = 8 / 32 / 128 (SimCLR 1.35-1.38
+/ 1.75-1.81 / 3.68-3.85 ms per iteration); EMC² acceptance rate 0.56 / 0.61 / 0.75 (deterministic:
+fixed seeds); state 0 / 5 / 12 bytes per sample against 256 for a d = 64 fp32 embedding cache. Both
+methods meet the 1.25x target at every batch. With the NumPy scan (``scan="numpy"``, one run while
+other jobs shared the machine) EMC² / SimCLR was 1.27x / 1.50x / 1.65x.
 """
 
 from __future__ import annotations
@@ -94,14 +94,15 @@ def build_model(in_dim: int = 144, *, seed: int = SEED) -> ContrastiveModel:
     return ContrastiveModel(MLPEncoder(in_dim=in_dim), Projector())
 
 
-def make_state(method: str, n: int) -> SogCLRState | EMC2State | None:
-    """The per-sample state of ``method`` for ``n`` training samples (None for SimCLR)."""
+def make_state(method: str, n: int, scan: str = "auto") -> SogCLRState | EMC2State | None:
+    """The per-sample state of ``method`` for ``n`` training samples (None for SimCLR); ``scan``
+    picks EMC²'s MH-scan backend (see :class:`~optfm.contrastive.EMC2State`)."""
     if method == "SimCLR":
         return None
     if method == "SogCLR":
         return SogCLRState(n, gamma=GAMMA, temperature=TEMPERATURE)
     if method == "EMC²":
-        return EMC2State(n, beta=BETA, burn_in=BURN_IN)
+        return EMC2State(n, beta=BETA, burn_in=BURN_IN, scan=scan)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -121,7 +122,8 @@ class ContrastiveIteration:
     """
 
     def __init__(self, method: str, model: ContrastiveModel, x: torch.Tensor, batch_size: int,
-                 generator: torch.Generator, augment: CanvasAugment | None = None) -> None:
+                 generator: torch.Generator, augment: CanvasAugment | None = None,
+                 scan: str = "auto") -> None:
         if batch_size < 2 or batch_size > x.shape[0]:
             raise ValueError(f"batch_size must lie in [2, {x.shape[0]}], got {batch_size}")
         self.method = method
@@ -131,7 +133,7 @@ class ContrastiveIteration:
         self.batch_size = int(batch_size)
         self.generator = generator
         self.augment = CanvasAugment() if augment is None else augment
-        self.state = make_state(method, self.n)
+        self.state = make_state(method, self.n, scan)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=LR)
         self.embed_calls = 0
         self.embed_rows = 0
@@ -197,7 +199,7 @@ def _load_x() -> torch.Tensor:
                           "batch (target <= 1.25x), state bytes per sample")
 def bench_contrastive(repeats: int = 7, *, batch_sizes: Sequence[int] = BATCH_SIZES,
                       x: torch.Tensor | None = None,
-                      iters_per_round: int = ITERS_PER_ROUND) -> list[BenchRow]:
+                      iters_per_round: int = ITERS_PER_ROUND, scan: str = "auto") -> list[BenchRow]:
     """The rows of ``optfm bench contrastive`` (tests pass a small ``x`` and batch sizes)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -217,7 +219,7 @@ def bench_contrastive(repeats: int = 7, *, batch_sizes: Sequence[int] = BATCH_SI
             model = build_model(in_dim)
             d = model.projector.out
             its[method] = ContrastiveIteration(method, model, x, b,
-                                               torch.Generator().manual_seed(SEED))
+                                               torch.Generator().manual_seed(SEED), scan=scan)
         for it in its.values():
             for _ in range(WARMUP):
                 it()
@@ -236,8 +238,8 @@ def bench_contrastive(repeats: int = 7, *, batch_sizes: Sequence[int] = BATCH_SI
         rows.append(BenchRow(
             NAME, ROW_TIME.format(method="EMC²", b=b), t_emc, t_simclr, "s", TARGET,
             note=(f"embed_fn forward passes in {emc.embed_calls} of {timed} timed iterations, "
-                  f"{emc.embed_rows / timed:.2f} samples per iteration on average; in-batch scan "
-                  f"= Python loop over 2x{2 * b} proposals")))
+                  f"{emc.embed_rows / timed:.2f} samples per iteration on average; MH scan over "
+                  f"2x{2 * b} proposals per anchor: {emc.state.backend}")))
         rate = statistics.fmean(emc.acceptance) if emc.acceptance else float("nan")
         rows.append(BenchRow(NAME, ROW_ACCEPT.format(b=b), rate, 1.0, "",
                              note=f"mean over {len(emc.acceptance)} timed EMC² iterations"

@@ -198,20 +198,141 @@ class SogCLRState:
         self.seen = seen.clone().to(self.seen.device, torch.bool)
 
 
+def _chains_numpy(sims: np.ndarray, e: np.ndarray, index: np.ndarray, score: np.ndarray,
+                  beta: float, burn_in: float) -> tuple[np.ndarray, ...]:
+    """Both views' MH scans, vectorised over anchors and sequential in the proposal (NumPy).
+
+    Inputs: ``sims`` (2b, 2b) similarities (row ``a*b + r`` = anchor r of view a), ``e`` (2, b, 2b)
+    = -log u ~ Exp(1), ``index`` (b,) data-set indices, ``score`` (b,) the carried-over states'
+    scores (-inf for a new chain). Proposal p is accepted iff it is valid (another sample) and
+    ``score < s + e / β`` (float32), i.e. u < exp(β (s - score)).
+
+    Returns ``rec`` (2, b, 2b) position after every proposal (-1: carried-over state),
+    ``recorded`` (b, 2b) the post-burn-in valid proposals, ``weights`` (2b, 2b + 1) how often each
+    position was recorded per anchor row (last column: the carried-over state), final ``pos`` and
+    ``score`` (b,), and the number of accepted and of valid proposals.
+    """
+    b = index.shape[0]
+    n_prop = 2 * b
+    beta32 = np.float32(beta)
+    owner = np.concatenate([index, index])
+    valid = owner[None, :] != index[:, None]
+    n_valid = valid.sum(axis=1)
+    burn = np.floor(burn_in * n_valid).astype(np.int64)
+    recorded = valid & (np.cumsum(valid, axis=1) > burn[:, None])
+    score = score.astype(np.float32)
+    pos = np.full(b, -1, dtype=np.int64)
+    rows = np.arange(b)
+    rec = np.empty((2, b, n_prop), dtype=np.int64)
+    accepted = 0
+    for a in range(2):
+        s = sims[a * b : (a + 1) * b]
+        if a == 1:  # states accepted in view 1 get their score against the view-2 anchor
+            moved = pos >= 0
+            score[moved] = s[rows[moved], pos[moved]]
+        thr_t = np.ascontiguousarray(np.where(valid, s + e[a] / beta32, np.float32(-np.inf)).T)
+        s_t = np.ascontiguousarray(s.T)
+        for p in range(n_prop):
+            acc = score < thr_t[p]
+            np.copyto(score, s_t[p], where=acc)
+            np.copyto(pos, p, where=acc)
+            rec[a, :, p] = pos
+            accepted += int(np.count_nonzero(acc))
+    cols = np.where(rec >= 0, rec, n_prop)
+    flat = (np.arange(2 * b).reshape(2, b, 1) * (n_prop + 1) + cols)[:, recorded]
+    weights = np.bincount(flat.ravel(), minlength=2 * b * (n_prop + 1))
+    weights = weights.reshape(2 * b, n_prop + 1).astype(np.float32)
+    return rec, recorded, weights, pos, score, accepted, int(n_valid.sum())
+
+
+def _chains_compiled() -> Callable[..., tuple[np.ndarray, ...]] | None:
+    """:func:`_chains_numpy` compiled by numba (``pip install 'optfm[fast]'``), None without numba.
+
+    Same float32 arithmetic and the same outputs (tested), one pass per anchor."""
+    global _CHAINS_JIT
+    if _CHAINS_JIT is None:
+        try:
+            import numba
+        except ImportError:
+            _CHAINS_JIT = False
+        else:
+            def chains(sims, e, index, score0, beta, burn_in):  # pragma: no cover - compiled
+                b = index.shape[0]
+                n_prop = 2 * b
+                beta32 = np.float32(beta)
+                rec = np.empty((2, b, n_prop), dtype=np.int64)
+                recorded = np.zeros((b, n_prop), dtype=np.bool_)
+                weights = np.zeros((2 * b, n_prop + 1), dtype=np.float32)
+                pos_out = np.empty(b, dtype=np.int64)
+                score_out = np.empty(b, dtype=np.float32)
+                owner = np.concatenate((index, index))
+                accepted = 0
+                total = 0
+                for r in range(b):
+                    me = index[r]
+                    n_valid = 0
+                    for p in range(n_prop):
+                        n_valid += owner[p] != me
+                    total += n_valid
+                    burn = int(np.floor(burn_in * n_valid))
+                    k = 0
+                    for p in range(n_prop):
+                        if owner[p] != me:
+                            k += 1
+                            recorded[r, p] = k > burn
+                    sc = np.float32(score0[r])
+                    ps = -1
+                    for a in range(2):
+                        row = a * b + r
+                        if a == 1 and ps >= 0:
+                            sc = sims[row, ps]
+                        for p in range(n_prop):  # the MH scan (the only sequential part)
+                            if owner[p] != me and sc < sims[row, p] + e[a, r, p] / beta32:
+                                sc = sims[row, p]
+                                ps = p
+                                accepted += 1
+                            rec[a, r, p] = ps
+                        for p in range(n_prop):
+                            if recorded[r, p]:
+                                q = rec[a, r, p]
+                                weights[row, q if q >= 0 else n_prop] += 1
+                    pos_out[r] = ps
+                    score_out[r] = sc
+                return rec, recorded, weights, pos_out, score_out, accepted, total
+
+            _CHAINS_JIT = numba.njit(cache=True, nogil=True)(chains)
+    return _CHAINS_JIT or None
+
+
+_CHAINS_JIT: Callable[..., tuple[np.ndarray, ...]] | bool | None = None
+_SCANS = ("auto", "numba", "numpy")
+
+
 @dataclass
 class EMC2Negatives:
     """Recorded negatives of one ``EMC2State.sample_negatives`` call.
 
-    ``positions[a, r, p]`` indexes the table ``[z_all_views; embed_fn(extra_indices)]``,
-    ``sample_ids[a, r, p]`` is the data-set index of that negative; only entries with
+    ``positions[a, r, p]`` indexes the table ``[z_all_views; embed_fn(extra_indices)]`` (-1: the
+    chain is still in its carried-over state, which is not recorded there); only entries with
     ``mask[a, r, p]`` are recorded (view ``a``, anchor row ``r``, proposal step ``p``).
+    ``proposal_ids`` (2b,) and ``start_ids`` (b,) are the data-set indices of the in-batch views and
+    of the carried-over states; ``sample_ids[a, r, p]`` is the data-set index of the chain state.
+    ``weights[a * b + r, t]`` counts how often table row t was recorded for anchor r of view a.
     """
 
     positions: torch.Tensor
-    sample_ids: torch.Tensor
     mask: torch.Tensor
     extra_indices: torch.Tensor
     acceptance_rate: float
+    proposal_ids: torch.Tensor
+    start_ids: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def sample_ids(self) -> torch.Tensor:
+        table_ids = torch.cat([self.proposal_ids, self.extra_indices])
+        ids = table_ids[self.positions.clamp(min=0)]
+        return torch.where(self.positions >= 0, ids, self.start_ids[None, :, None])
 
 
 class EMC2State:
@@ -222,19 +343,29 @@ class EMC2State:
     Duplicate indices in a batch are allowed (the state written last for a duplicate is unspecified).
     """
 
-    def __init__(self, n: int, beta: float = 14.28, burn_in: float = 0.5) -> None:
+    def __init__(self, n: int, beta: float = 14.28, burn_in: float = 0.5, scan: str = "auto") -> None:
         _check_n(n)
         _check_positive("beta", beta)
         if not (isinstance(burn_in, (int, float)) and 0.0 <= burn_in < 1.0):
             raise ValueError(f"burn_in must lie in [0, 1), got {burn_in!r}")
-        self.n, self.beta, self.burn_in = n, float(beta), float(burn_in)
-        self.cur_idx = torch.full((n,), -1, dtype=torch.long)
+        if scan not in _SCANS:
+            raise ValueError(f"scan must be one of {', '.join(_SCANS)}, got {scan!r}")
+        if scan == "numba" and _chains_compiled() is None:
+            raise ValueError("scan='numba' needs numba: pip install 'optfm[fast]' (or scan='auto')")
+        self.n, self.beta, self.burn_in, self.scan = n, float(beta), float(burn_in), scan
+        self.cur_idx = torch.full((n,), -1, dtype=torch.long)  # on the CPU, where the scan runs
         self.cur_score = torch.zeros(n)
         self.last_acceptance_rate = float("nan")
 
-    def _to(self, device: torch.device) -> None:
-        if self.cur_idx.device != device:
-            self.cur_idx, self.cur_score = self.cur_idx.to(device), self.cur_score.to(device)
+    @property
+    def backend(self) -> str:
+        """``"numba"`` (compiled scan) or ``"numpy"`` (the NumPy loop) — what ``scan`` resolved to."""
+        return "numpy" if self._chains_fn() is _chains_numpy else "numba"
+
+    def _chains_fn(self) -> Callable[..., tuple[np.ndarray, ...]]:
+        if self.scan == "numpy":
+            return _chains_numpy
+        return _chains_compiled() or _chains_numpy
 
     @torch.no_grad()
     def sample_negatives(
@@ -246,7 +377,9 @@ class EMC2State:
     ) -> EMC2Negatives:
         """Run the in-batch proposal scan for both views and update the chain states.
 
-        ``z_all_views`` = ``[z1; z2]`` of shape ``(2b, d)`` (detached inside).
+        ``z_all_views`` = ``[z1; z2]`` of shape ``(2b, d)`` (detached inside). The scan runs on the
+        CPU (one (2b, 2b) similarity matrix is copied there); the returned tensors are on
+        ``z_all_views.device``.
         """
         if z_all_views.ndim != 2 or z_all_views.shape[0] % 2:
             raise ValueError(f"z_all_views must have shape (2b, d), got {tuple(z_all_views.shape)}")
@@ -254,86 +387,58 @@ class EMC2State:
         if b < 2:
             raise ValueError(f"z_all_views: batch size must be >= 2, got {b}")
         index = _check_index(index, b, self.n, unique=False)
-        z = _normalize(z_all_views.detach().float(), normalize)
-        device = z.device
-        self._to(device)
-        index = index.to(device)
-        n_prop = 2 * b
-        owner = torch.cat([index, index])  # (2b,) data-set index of every proposal
-        valid_all = owner[None, :] != index[:, None]  # (b, 2b)
-        n_valid = valid_all.sum(dim=1)
-        if int(n_valid.min()) == 0:
+        index_np = index.cpu().numpy()
+        if (index_np == index_np[0]).all():
             raise ValueError("index: every anchor needs at least one other sample in the batch")
-        burn = torch.floor(self.burn_in * n_valid.float()).long()
-
-        start_idx = self.cur_idx[index].clone()
-        cur = start_idx.clone()
-        cur_pos = torch.full((b,), -1, dtype=torch.long, device=device)  # -1: carried over
-        score = self.cur_score[index].clone().float()
-        score[cur < 0] = float("-inf")
-        positions = torch.full((2, b, n_prop), -1, dtype=torch.long, device=device)
-        sample_ids = torch.full((2, b, n_prop), -1, dtype=torch.long, device=device)
-        mask = torch.zeros((2, b, n_prop), dtype=torch.bool, device=device)
-        accepted = torch.zeros((), dtype=torch.long, device=device)
+        device = z_all_views.device
+        z = _normalize(z_all_views.detach().float(), normalize)
+        sims = (z @ z.T).cpu().numpy()  # (2b, 2b): row a*b + r is anchor r of view a
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        for a in range(2):
-            anchor = z[a * b : (a + 1) * b]
-            moved = cur_pos >= 0
-            if a == 1 and bool(moved.any()):
-                fresh = (anchor * z[cur_pos.clamp(min=0)]).sum(dim=1)
-                score = torch.where(moved, fresh, score)
-            s_all = anchor @ z.T  # (b, 2b)
-            log_u = torch.log(torch.rand((b, n_prop), generator=generator, device=gen_device)).to(
-                device
-            )
-            # The scan is sequential in p (each decision depends on the current score) but
-            # vectorised over anchors; it runs on small CPU NumPy arrays, where one step costs
-            # ~1 µs per operation instead of a torch op's ~5 µs. Same float32 arithmetic.
-            valid_np = valid_all.cpu().numpy()
-            s_np = s_all.float().cpu().numpy()
-            lu_np = log_u.float().cpu().numpy()
-            owner_np = owner.cpu().numpy()
-            cur_np, pos_np = cur.cpu().numpy().copy(), cur_pos.cpu().numpy().copy()
-            score_np = score.float().cpu().numpy().copy()
-            beta = np.float32(self.beta)
-            pos_rec = np.empty((b, n_prop), dtype=np.int64)
-            ids_rec = np.empty((b, n_prop), dtype=np.int64)
-            n_acc = 0
-            for p in range(n_prop):
-                acc = valid_np[:, p] & (lu_np[:, p] < beta * (s_np[:, p] - score_np))
-                if acc.any():
-                    cur_np[acc] = owner_np[p]
-                    pos_np[acc] = p
-                    score_np[acc] = s_np[acc, p]
-                    n_acc += int(acc.sum())
-                pos_rec[:, p] = pos_np
-                ids_rec[:, p] = cur_np
-            step = torch.from_numpy(np.cumsum(valid_np, axis=1)).to(device)
-            mask[a] = valid_all & (step > burn[:, None])
-            positions[a] = torch.from_numpy(pos_rec).to(device)
-            sample_ids[a] = torch.from_numpy(ids_rec).to(device)
-            cur = torch.from_numpy(cur_np).to(device)
-            cur_pos = torch.from_numpy(pos_np).to(device)
-            score = torch.from_numpy(score_np).to(device)
-            accepted += n_acc
-        # Carried-over states that were recorded: an in-batch view of the sample, or embed_fn.
-        carried = mask & (positions < 0)
-        extra_indices = torch.zeros(0, dtype=torch.long, device=device)
-        if bool(carried.any()):
-            ids = sample_ids[carried]
-            in_batch = owner[None, :] == ids[:, None]  # (m, 2b)
-            has = in_batch.any(dim=1)
-            first_pos = in_batch.float().argmax(dim=1)
-            extra_indices, inverse = torch.unique(ids[~has], return_inverse=True)
-            fill = first_pos.clone()
-            fill[~has] = n_prop + inverse
-            positions[carried] = fill
-        self.cur_idx[index] = cur
-        self.cur_score[index] = score.to(self.cur_score.dtype)
-        total = int(n_valid.sum()) * 2
-        self.last_acceptance_rate = int(accepted) / total
+        # e = -log u ~ Exp(1): accept iff score < s + e / β  <=>  u < exp(β (s - score))
+        e = torch.rand((2, b, 2 * b), generator=generator, device=gen_device)
+        e = e.log_().neg_().cpu().numpy()
+        index_cpu = torch.from_numpy(index_np)
+        start = self.cur_idx[index_cpu].numpy()
+        score = self.cur_score[index_cpu].numpy()
+        score[start < 0] = -np.inf  # the first proposal of a new chain is always accepted
+        rec, recorded, weights, pos, score, accepted, n_valid = self._chains_fn()(
+            sims, e, index_np, score, self.beta, self.burn_in)
+        n_prop = 2 * b
+        owner = np.concatenate([index_np, index_np])
+        self.cur_idx[index_cpu] = torch.from_numpy(np.where(pos >= 0, owner[pos.clip(min=0)], start))
+        self.cur_score[index_cpu] = torch.from_numpy(score)
+        self.last_acceptance_rate = accepted / (2 * n_valid)
         logger.debug("EMC2 acceptance rate %.4f", self.last_acceptance_rate)
-        return EMC2Negatives(positions, sample_ids, mask, extra_indices, self.last_acceptance_rate)
+
+        # Carried-over states that were recorded (no acceptance before the first recorded proposal
+        # of the anchor): an in-batch view of the sample, or embed_fn on the un-augmented sample.
+        positions, table_weights = rec, weights[:, :n_prop]
+        extra_indices = np.zeros(0, dtype=np.int64)
+        carried_rows = np.flatnonzero(weights[:, n_prop])
+        if carried_rows.size:
+            anchors = np.unique(carried_rows % b)
+            ids = start[anchors]
+            match = owner[None, :] == ids[:, None]
+            has = match.any(axis=1)
+            col = match.argmax(axis=1)
+            extra_indices, inverse = np.unique(ids[~has], return_inverse=True)
+            col[~has] = n_prop + inverse.reshape(-1)
+            carried_col = np.full(b, -1, dtype=np.int64)
+            carried_col[anchors] = col
+            positions = rec.copy()
+            carried = recorded[None] & (rec < 0)
+            positions[carried] = carried_col[np.nonzero(carried)[1]]
+            table_weights = np.zeros((2 * b, n_prop + extra_indices.size), dtype=np.float32)
+            table_weights[:, :n_prop] = weights[:, :n_prop]
+            np.add.at(table_weights, (carried_rows, carried_col[carried_rows % b]),
+                      weights[carried_rows, n_prop])
+
+        def out(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device)
+
+        return EMC2Negatives(out(positions), out(recorded).expand(2, b, n_prop),
+                             out(extra_indices), self.last_acceptance_rate, out(owner), out(start),
+                             out(np.ascontiguousarray(table_weights)))
 
     def loss(
         self,
@@ -366,14 +471,12 @@ class EMC2State:
                     f"got {tuple(extra.shape)}"
                 )
             table = torch.cat([z_all, _normalize(extra.to(z_all), normalize)])
-        anchors = z_all.view(2, b, -1)
-        positives = torch.stack([anchors[1], anchors[0]])
-        pos_term = (anchors * positives).sum(dim=-1)  # (2, b)
-        sims = anchors @ table.T  # (2, b, T)
-        gathered = torch.gather(sims, 2, neg.positions.clamp(min=0))  # (2, b, 2b)
-        maskf = neg.mask.to(sims.dtype)
-        neg_term = (gathered * maskf).sum(dim=-1) / maskf.sum(dim=-1)
-        return self.beta * (neg_term - pos_term).mean()
+        # mean over the recorded negatives of <z_anchor, z_neg> = <z_anchor, W table / |W|>
+        weights = neg.weights.to(z_all.dtype)
+        mean_neg = (weights @ table) / weights.sum(dim=1, keepdim=True)  # (2b, d)
+        neg_term = (z_all * mean_neg).sum(dim=1)
+        pos_term = (z_all[:b] * z_all[b:]).sum(dim=1)  # the same for both anchor views
+        return self.beta * (neg_term.mean() - pos_term.mean())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"cur_idx": self.cur_idx.cpu().clone(), "cur_score": self.cur_score.cpu().clone()}

@@ -6,6 +6,12 @@ Opacus does the privacy work (``GradSampleModule`` per-sample gradients, Poisson
 :class:`~optfm.privacy.optimizer.PrivateOptimizer` (same clipping and noise, plus the filter) and
 keeps the accountant attached to the optimizer so it sees exactly the σ that is used. The filter
 runs after the noise and is post-processing: ε does not depend on it.
+
+``grad_sample_mode="ghost"`` (Opacus's ghost clipping) never forms per-sample gradients: the loss
+must come from the criterion wrapper that ``make_private`` leaves on ``engine.criterion``, whose
+``backward()`` runs two backward passes (per-sample norms, then the clipped sum). The 4-tuple
+return stays the same in every mode; ``engine.criterion`` is the caller's own criterion in the
+other modes, so ``loss = engine.criterion(output, target); loss.backward()`` works in all of them.
 """
 
 from __future__ import annotations
@@ -21,15 +27,19 @@ from torch.utils.data import DataLoader
 
 from optfm.privacy.disk import KalmanFilter
 from optfm.privacy.doppler import LowPassFilter
+from optfm.privacy.grad_samplers import register_transformers_grad_samplers, tied_parameters
 from optfm.privacy.optimizer import (
     DistributedPrivateOptimizer,
+    GhostPrivateOptimizer,
     PrivacyBudgetExhaustedError,
     PrivateOptimizer,
+    ghost_clipping_error,
 )
 
 __all__ = ["PrivateEngine", "calibrate_noise_multiplier", "epsilon_for", "make_private"]
 
 _ACCOUNTANTS = ("prv", "rdp")
+_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 def _new_accountant(name: str):
@@ -71,7 +81,10 @@ class PrivateEngine:
     """What :func:`make_private` returns besides the model, optimizer and loader.
 
     ``epsilon(delta)`` is the ε spent so far; ``steps`` the privatized steps taken; ``max_steps``
-    the steps the budget allows (``None`` without a target ε).
+    the steps the budget allows (``None`` without a target ε). ``criterion``: with
+    ``grad_sample_mode="ghost"``, Opacus's ``DPLossFastGradientClipping`` around the criterion given
+    to :func:`make_private` (compute the loss with it: its ``backward()`` does the clipping);
+    otherwise that criterion unchanged (``None`` if none was given).
     """
 
     privacy_engine: Any  # opacus.PrivacyEngine
@@ -85,6 +98,8 @@ class PrivateEngine:
     on_budget_exhausted: str | None
     steps: int = 0
     max_steps: int | None = None
+    criterion: Any = None
+    grad_sample_mode: str = "hooks"
     _warned: bool = field(default=False, repr=False)
 
     @property
@@ -170,7 +185,8 @@ def make_private(
     noise_generator: torch.Generator | None = None,
     secure_mode: bool = False,
     grad_sample_mode: str = "hooks",
-) -> tuple[torch.nn.Module, PrivateOptimizer, DataLoader, PrivateEngine]:
+    criterion: Any = None,
+) -> tuple[torch.nn.Module, PrivateOptimizer | GhostPrivateOptimizer, DataLoader, PrivateEngine]:
     """Make ``model``/``optimizer``/``data_loader`` differentially private (Opacus) with an optional
     DOPPLER (:class:`LowPassFilter`) or DiSK (:class:`KalmanFilter`) filter.
 
@@ -180,6 +196,17 @@ def make_private(
     ``normalize=True`` gives DP-NSGD (per-sample ``C g / (||g|| + normalize_r)`` instead of clipping).
     ``on_budget_exhausted="raise"`` raises :class:`PrivacyBudgetExhaustedError` before a step that
     would exceed ``target_epsilon``; ``"warn"`` warns once and continues.
+
+    ``grad_sample_mode``: ``"hooks"`` (default; Opacus's per-layer grad samplers, including
+    optfm's for ``transformers``' ``Conv1D`` and Llama-style RMSNorm, see
+    :mod:`optfm.privacy.grad_samplers`), ``"functorch"``, ``"ew"``, or ``"ghost"`` (ghost
+    clipping: per-sample gradient norms without per-sample gradients; needs ``criterion``, a loss
+    module with ``reduction="mean"`` whose ``reduction="none"`` output is one loss per sample,
+    e.g. :class:`optfm.privacy.lm.CausalLMLoss` or ``nn.CrossEntropyLoss()``; compute the loss with
+    ``engine.criterion``). Ghost clipping supports no filter, DOPPLER, and DiSK with c ∈ {0, 1}
+    (``KalmanFilter.one_evaluation``); it refuses DiSK's two-evaluation mode, ``normalize=True``,
+    tied trainable parameters (e.g. tied input/output embeddings) and DDP, each with a
+    ``ValueError`` that says why.
 
     Returns ``(model, optimizer, data_loader, engine)``: the model wrapped in Opacus's
     ``GradSampleModule``, the private optimizer (use it like any optimizer; with DiSK call
@@ -209,9 +236,12 @@ def make_private(
     for name, v in (("epochs", epochs), ("steps", steps)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if grad_sample_mode not in ("hooks", "functorch", "ew"):
-        raise ValueError(f"grad_sample_mode must be 'hooks', 'functorch' or 'ew' here, got {grad_sample_mode!r}"
-                         " (ghost clipping needs its own criterion and is not supported by the filters)")
+    if grad_sample_mode not in _GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {', '.join(_GRAD_SAMPLE_MODES)}, "
+                         f"got {grad_sample_mode!r}")
+    register_transformers_grad_samplers()
+    if grad_sample_mode == "ghost":
+        _check_ghost(model, criterion, filter, normalize)
 
     for name, p in model.named_parameters():  # lets errors name the parameter
         p._optfm_name = name
@@ -230,12 +260,17 @@ def make_private(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
-    model, dp_opt, loader = engine.make_private(
+    extra = {"criterion": criterion} if grad_sample_mode == "ghost" else {}
+    wrapped = engine.make_private(
         module=model, optimizer=optimizer, data_loader=data_loader, noise_multiplier=sigma,
         max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling,
-        noise_generator=noise_generator, grad_sample_mode=grad_sample_mode)
-
-    cls = DistributedPrivateOptimizer if isinstance(dp_opt, DistributedDPOptimizer) else PrivateOptimizer
+        noise_generator=noise_generator, grad_sample_mode=grad_sample_mode, **extra)
+    if grad_sample_mode == "ghost":
+        model, dp_opt, _, loader = wrapped  # the criterion is rebuilt below around our optimizer
+        cls = GhostPrivateOptimizer
+    else:
+        model, dp_opt, loader = wrapped
+        cls = DistributedPrivateOptimizer if isinstance(dp_opt, DistributedDPOptimizer) else PrivateOptimizer
     private_opt = cls(
         dp_opt.original_optimizer, filter=filter, normalize=normalize, normalize_r=normalize_r,
         noise_multiplier=dp_opt.noise_multiplier, max_grad_norm=dp_opt.max_grad_norm,
@@ -246,7 +281,12 @@ def make_private(
     pe = PrivateEngine(
         privacy_engine=engine, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
         sample_rate=sample_rate, target_delta=target_delta, target_epsilon=target_epsilon,
-        accountant_name=accountant, filter=filter, on_budget_exhausted=on_budget_exhausted)
+        accountant_name=accountant, filter=filter, on_budget_exhausted=on_budget_exhausted,
+        criterion=criterion, grad_sample_mode=grad_sample_mode)
+    if grad_sample_mode == "ghost":
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        pe.criterion = DPLossFastGradientClipping(model, private_opt, criterion, loss_reduction="mean")
 
     def hook(opt: Any) -> None:  # after noise, before the base step: accountant + step count
         accountant_hook(opt)
@@ -257,3 +297,34 @@ def make_private(
         pe.max_steps = _max_steps(sigma, sample_rate, target_epsilon, target_delta, accountant)
         private_opt._before_step = pe._budget_allows_step
     return model, private_opt, loader, pe
+
+
+def _check_ghost(model: torch.nn.Module, criterion: Any, filter: Any, normalize: bool) -> None:
+    """The ``ValueError`` s of :func:`make_private` specific to ghost clipping."""
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if criterion is None:
+        raise ValueError("grad_sample_mode='ghost' needs criterion=...: the loss module (reduction='mean', "
+                         "one loss per sample with reduction='none', e.g. optfm.privacy.CausalLMLoss() or "
+                         "nn.CrossEntropyLoss()); compute the loss with engine.criterion")
+    if getattr(criterion, "reduction", "mean") != "mean":
+        raise ValueError(f"criterion.reduction must be 'mean' with grad_sample_mode='ghost' (a mean over "
+                         f"samples of per-sample losses), got {criterion.reduction!r}")
+    if isinstance(model, (DDP, DPDDP)):
+        raise ValueError("grad_sample_mode='ghost' under DDP is not supported by optfm.privacy yet; "
+                         "use grad_sample_mode='hooks'")
+    why = ghost_clipping_error(filter, normalize)
+    if why is not None:
+        raise ValueError(why)
+    tied = tied_parameters(model, ghost_only=True)
+    if tied:
+        name, users = next(iter(tied.items()))
+        raise ValueError(
+            f"trainable parameter {name} is shared by {len(users)} layers ({', '.join(users)}): "
+            "ghost clipping computes each layer's per-sample gradient norm on its own and cannot "
+            "combine two layers' contributions to one tensor (Opacus: 'Parameter tying is not "
+            "supported with Ghost Clipping'). Untie it (tie_word_embeddings=False in the model config), "
+            "freeze it (requires_grad_(False), e.g. optfm.privacy.prepare_lm_for_dp(model, "
+            "train_embeddings=False)), or use grad_sample_mode='hooks', which sums the per-sample "
+            "gradients of tied parameters exactly")

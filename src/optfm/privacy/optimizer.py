@@ -6,6 +6,14 @@ Order of one step (every privacy-relevant operation is Opacus's own)::
     [DiSK: evaluate at x + γd, then at x, combining per-sample gradients]
     per-sample clip (or normalise)  ->  sum  ->  + N(0, σ²C²)  ->  / expected batch   (Opacus)
     [distributed: all-reduce]        ->  filter (sees only the noised gradient)  ->  base step
+
+With ghost clipping (:class:`GhostPrivateOptimizer`, ``grad_sample_mode="ghost"``) the first two
+lines happen inside ``loss.backward()`` of Opacus's wrapped criterion: a first backward pass
+computes per-sample gradient *norms* only, a second one backpropagates ``Σ_i min(1, C/‖g_i‖) ℓ_i``,
+so ``p.grad`` already holds the sum of clipped per-sample gradients; the optimizer then adds the
+same noise, scales, and runs the same filter and base step. Per-sample gradients never exist, so
+what needs them is refused: DP-NSGD normalisation, per-sample hooks, and DiSK with two
+evaluations (c ∉ {0, 1}).
 """
 
 from __future__ import annotations
@@ -14,20 +22,39 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.ddpoptimizer import DistributedDPOptimizer
 from opacus.optimizers.optimizer import _mark_as_processed
 
 from optfm.privacy.disk import KalmanFilter, combine_two_point_grad_samples
 from optfm.privacy.doppler import LowPassFilter
 
-__all__ = ["DistributedPrivateOptimizer", "PrivacyBudgetExhaustedError", "PrivateOptimizer"]
+__all__ = ["DistributedPrivateOptimizer", "GhostPrivateOptimizer", "PrivacyBudgetExhaustedError",
+           "PrivateOptimizer", "ghost_clipping_error"]
 
 Filter = LowPassFilter | KalmanFilter
 
 
 class PrivacyBudgetExhaustedError(RuntimeError):
     """Raised before a step that would spend more than the privacy budget."""
+
+
+def ghost_clipping_error(filter: Filter | None, normalize: bool) -> str | None:
+    """Why ghost clipping cannot run this configuration (``None`` when it can)."""
+    if normalize:
+        return ("normalize=True (DP-NSGD) is not supported with grad_sample_mode='ghost': optfm "
+                "applies the normalisation to per-sample gradients, which ghost clipping never forms; "
+                "use grad_sample_mode='hooks'")
+    if isinstance(filter, KalmanFilter) and filter.c not in (0.0, 1.0):
+        return (f"DiSK with c = (1-κ)/(κγ) = {filter.c:.4g} (κ={filter.kappa}, γ={filter.gamma}) is not "
+                "supported with grad_sample_mode='ghost': it clips the combined per-sample vector "
+                "c·∇f(x+γd; ξ) + (1-c)·∇f(x; ξ) jointly, and its norm needs the per-sample gradients of "
+                "both evaluations (or their per-sample cross inner products), while ghost clipping only "
+                "yields per-sample norms of one evaluation at a time. Clipping the two evaluations "
+                "separately would change the sensitivity (see specs/privacy.md). Use "
+                "KalmanFilter.one_evaluation(kappa) (c = 1: one evaluation, then the Kalman update on "
+                "the noised gradient), kappa=1 (c = 0), or grad_sample_mode='hooks'")
+    return None
 
 
 class _PrivateMixin:
@@ -107,6 +134,8 @@ class _PrivateMixin:
         params = self._trainable()
         loss = None
         if isinstance(filt, KalmanFilter) and filt.c != 0.0:
+            if filt.c != 1.0 and isinstance(self, DPOptimizerFastGradientClipping):
+                raise ValueError(ghost_clipping_error(filt, False))
             if closure is None:
                 raise ValueError("DiSK evaluates gradients at two points: call optimizer.step(closure) "
                                  "with a closure that zeroes gradients, runs forward and backward "
@@ -171,3 +200,28 @@ class DistributedPrivateOptimizer(_PrivateMixin, DistributedDPOptimizer):
 
     def _reduce(self) -> None:
         self.reduce_gradients()
+
+
+class GhostPrivateOptimizer(_PrivateMixin, DPOptimizerFastGradientClipping):
+    """Opacus ``DPOptimizerFastGradientClipping`` (ghost clipping) with an optional DOPPLER filter
+    or one-evaluation DiSK filter (c ∈ {0, 1}).
+
+    Clipping happens in ``loss.backward()`` of the criterion that :func:`~optfm.privacy.make_private`
+    returns as ``engine.criterion`` (two backward passes); ``step`` adds the noise σC, divides by
+    the expected batch size, and applies the filter to the noised gradient only (post-processing).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, filter: Filter | None = None,
+                 normalize: bool = False, normalize_r: float = 0.01, **dp_kwargs: Any) -> None:
+        why = ghost_clipping_error(filter, normalize)
+        if why is not None:
+            raise ValueError(why)
+        super().__init__(optimizer, **dp_kwargs)
+        self._init_private(filter, normalize, normalize_r)
+
+    def add_per_sample_hook(self, fn: Callable[[Any], None]) -> None:
+        raise ValueError("per-sample hooks need per-sample gradients, which ghost clipping never forms; "
+                         "use grad_sample_mode='hooks'")
+
+    def clip_and_accumulate(self) -> None:
+        """Nothing to do: the criterion's second backward pass already clipped and summed."""

@@ -174,7 +174,7 @@ class ContrastiveExperiment(Experiment):
                                 for e, q in zip(est, model.parameters())])
                 cos.append(float(torch.nn.functional.cosine_similarity(ge, gfull, dim=0)))
                 err.append(float((scale * ge - gfull).square().sum() / gfull.square().sum()))
-            return {"iteration": it, "exact_gcl": float(f), "grad_cos": float(np.mean(cos)),
+            return {"iteration": it, "exact_gcl": float(f.detach()), "grad_cos": float(np.mean(cos)),
                     "grad_err": float(np.mean(err))}
 
         iters = config.epochs * math.ceil(n / b)

@@ -14,7 +14,8 @@ Two facts about Opacus + ``transformers`` shape these tests:
   exactly per-sample, checked below against per-example autograd), so both architectures work
   with the position embeddings trainable. (Freezing ``position_embeddings`` / ``wpe`` would also
   work.) BERT's token-type ids are already expanded to ``(B, L)`` by ``transformers``; GPT-2's
-  ``Conv1D`` has no Opacus grad sampler and goes through Opacus's functorch fallback.
+  ``Conv1D`` has no grad sampler in Opacus, but :func:`optfm.privacy.make_private` registers optfm's
+  (:mod:`optfm.privacy.grad_samplers`), so it goes through Opacus's hooks like ``nn.Linear``.
 * **The model is fine-tuned from public pretraining, with a fresh head.** From its 0.02-std
   initialisation, this tiny BERT does not learn the task reliably under DP noise (measured: at
   ε = 8 over 40 steps with Adam, most seeds collapse to one class): its tanh pooler and 0.02-scale
@@ -193,11 +194,15 @@ def test_dp_finetuning_learns_with_each_filter(arch, make_filter, forwards_per_s
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_per_sample_gradients_are_exact_with_per_sample_position_ids(arch):
-    """Opacus's per-sample gradients (hooks; functorch for GPT-2's Conv1D) equal per-example
-    autograd for every parameter, the position embeddings included, with padding masks."""
+    """Opacus's per-sample gradients (hooks, GPT-2's Conv1D through optfm's registered sampler)
+    equal per-example autograd for every parameter, the position embeddings included, with
+    padding masks."""
     from opacus import GradSampleModule
 
+    from optfm.privacy import register_transformers_grad_samplers
+
     model = _model(arch, seed=0)
+    register_transformers_grad_samplers()  # transformers is imported now (make_private does this)
     reference = copy.deepcopy(model)
     ids, mask, labels = _data(6, seed=3)
     gsm = GradSampleModule(model)  # loss_reduction="mean": grad_sample is per-example

@@ -67,6 +67,58 @@ Memory rows (unit ``bytes``):
   note of the row gives both peaks in full sets, and for reference the peak of a plain
   one-evaluation DP-Adam step: ours should match it (the second evaluation adds no peak memory).
 
+Tiny-Llama rows (report only; issue 12): what DP costs a causal LM, with per-sample gradients
+(``grad_sample_mode="hooks"``) and with ghost clipping (``"ghost"``), for full fine-tuning and for
+LoRA (rank 8 on every projection, PEFT; base frozen). The model is a ``LlamaForCausalLM`` from
+config (:func:`optfm.models.tiny_llama`: vocab 1000, hidden 128, MLP 256, 2 layers, 2 heads,
+untied embeddings; 584,320 parameters, of which LoRA trains 34,816), prepared with
+:func:`optfm.privacy.prepare_lm_for_dp`, on one fixed batch of 16 random sequences of 32 tokens,
+loss :class:`optfm.privacy.CausalLMLoss` (through ``engine.criterion`` in the DP runs). The DP
+side is DP-Adam from :func:`make_private` (σ = 1, C = 1, no filter: the filters' own cost is in
+the rows above; no Poisson sampling); the baseline is plain Adam on the same model, loss and batch.
+
+- ``tiny Llama DP-Adam step / Adam step (MODE, TUNING)``: median step times. The three sides of
+  one tuning (hooks, ghost, Adam) run one step each per round, in an order that rotates from round
+  to round, for ``repeats x LM_ROUNDS_PER_REPEAT`` rounds (42 by default; a step takes 25-50 ms on
+  an idle core, so one step is the timed unit), after three warm-up steps. The note also gives
+  the ATen operator calls of one step on each side (:class:`OpCounter`), which do not depend on
+  the load: DP adds 1.9-2.9 x the operator calls of an Adam step, ghost more than hooks.
+- ``tiny Llama DP-Adam peak / Adam peak (MODE, TUNING)``: the peak of live tensor bytes during
+  one step (after ``zero_grad``): the state that lives between steps (parameters, buffers, Adam's
+  moments, the batch; distinct storages) plus the peak that :class:`LiveStorageTracker` sees
+  allocated during the step. This is the CPU counterpart of ``torch.cuda.max_memory_allocated``;
+  it agrees with torch's memory profiler (:func:`optfm.training.memory.peak_tensor_bytes`) to
+  0.06 MiB on every side. Deterministic: it does not depend on the machine's load.
+
+Measured on a shared 2-core CPU, one torch thread, default repeats: six runs (four of ``optfm
+bench privacy``, two of the section alone) while other jobs kept the machine busy (load average
+2.4-5), so the step times are noisy: the ranges cover five runs, the value in brackets is the
+sixth, an outlier; the milliseconds are those of the fastest run (under load a step took up to
+twice as long, on both sides). The memory was the same to the byte in every run:
+
+=================  ==========================================  ===================================
+side               step time / Adam                            peak MiB (/ Adam: 22.39 full,
+                                                               16.80 LoRA)
+=================  ==========================================  ===================================
+hooks, full        1.83-1.86 (2.57); 46.5 vs 25.4 ms           52.41 (2.34 x)
+ghost, full        2.04-2.14 (2.75); 51.8 vs 25.4 ms           24.62 (1.10 x)
+hooks, LoRA r=8    1.30-1.37 (1.41); 31.0 vs 23.9 ms           16.80 (1.00 x)
+ghost, LoRA r=8    1.84-1.93 (2.38); 44.1 vs 23.9 ms           16.93 (1.01 x)
+=================  ==========================================  ===================================
+
+So at this size ghost clipping removes almost all of DP's extra memory in full fine-tuning (the
+per-sample gradients, 16 x 584,320 floats = 35.7 MiB, are never formed: 52.4 -> 24.6 MiB against
+22.4 for Adam) at the price of a second backward pass (ghost steps 7-15 % slower than hooks
+steps here). With LoRA the per-sample gradients of the adapters are 2.1 MiB and the step's peak
+is reached before they exist (while the activations of the frozen base are alive), so hooks-mode
+DP costs no peak memory over Adam and ghost clipping has nothing to save: it only adds the second
+backward pass (1.4 x the hooks step; 1.7 x in the outlier run). Opacus's ghost norm of a linear
+layer builds two B x T x T Gram matrices (inputs and output gradients), so ghost clipping saves
+memory while T² is small next to the layer's in x out (here T² = 1024 against 16,384-32,768),
+i.e. for full fine-tuning at moderate sequence lengths. The
+tiny-Llama section takes about 15 s of CPU time at the default repeats (29 s wall on the busy
+machine; about 6 s at ``repeats=1``, which the tests use).
+
 How memory is measured (CPU has no peak-allocation counter): :class:`LiveStorageTracker`, a
 ``TorchDispatchMode`` that sees every ATen operator call, including those of the backward pass and
 of Opacus's hooks. For every tensor an operator returns whose storage is new (not the storage of
@@ -81,6 +133,8 @@ is the same for both implementations.
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 import weakref
 from collections import Counter
@@ -95,8 +149,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from optfm.bench.core import BenchRow, register_benchmark, time_pair
 from optfm.data import load_digits_split
-from optfm.models import mlp
-from optfm.privacy import KalmanFilter, LowPassFilter, PrivateOptimizer, make_private
+from optfm.models import mlp, tiny_llama
+from optfm.privacy import (
+    CausalLMLoss,
+    KalmanFilter,
+    LowPassFilter,
+    PrivateOptimizer,
+    make_private,
+    prepare_lm_for_dp,
+)
 from optfm.training import make_generator
 
 __all__ = [
@@ -127,6 +188,29 @@ ROW_PRICE = "DP-SGD step / SGD step"
 ROW_MEM_DOPPLER = "DOPPLER a9b1 state / parameter bytes"
 ROW_MEM_DISK = "DiSK state / parameter bytes"
 ROW_PEAK = "DiSK 2-eval peak / stash-copy peak (batch 256)"
+
+# the tiny Llama section: DP-Adam vs Adam, per-sample gradients (hooks) vs ghost clipping
+LM_VOCAB, LM_HIDDEN, LM_INTERMEDIATE, LM_LAYERS, LM_HEADS = 1000, 128, 256, 2, 2
+LM_BATCH, LM_SEQ = 16, 32
+LM_LORA = {"r": 8, "lora_alpha": 16,
+           "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+LM_ROUNDS_PER_REPEAT = 6  # interleaved rounds per requested repeat (one step of each side per round)
+LM_MODES = ("hooks", "ghost")
+LM_TUNINGS = ("full", "LoRA r=8")
+
+
+def lm_time_row(mode: str, tuning: str) -> str:
+    """Name of the tiny-Llama step-time row for ``mode`` (hooks, ghost) and ``tuning``."""
+    return f"tiny Llama DP-Adam step / Adam step ({mode}, {tuning})"
+
+
+def lm_peak_row(mode: str, tuning: str) -> str:
+    """Name of the tiny-Llama peak-memory row for ``mode`` (hooks, ghost) and ``tuning``."""
+    return f"tiny Llama DP-Adam peak / Adam peak ({mode}, {tuning})"
+
+
+ROWS_LM = [lm_time_row(m, t) for t in LM_TUNINGS for m in LM_MODES] + [
+    lm_peak_row(m, t) for t in LM_TUNINGS for m in LM_MODES]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,12 +418,127 @@ def _warm(*setups: _Setup, steps: int = 3) -> None:
             s.step()
 
 
+class _LMSetup:
+    """The tiny Llama, one fixed batch of random tokens and Adam, private (``mode`` "hooks" or
+    "ghost", via :func:`make_private`) or not (``mode=None``); ``step()`` is one training step."""
+
+    def __init__(self, mode: str | None, lora: dict | None, seed: int = 0) -> None:
+        with torch.random.fork_rng():  # the same initial weights on every side
+            torch.manual_seed(seed)
+            model = tiny_llama(vocab_size=LM_VOCAB, hidden_size=LM_HIDDEN,
+                               intermediate_size=LM_INTERMEDIATE, num_hidden_layers=LM_LAYERS,
+                               num_attention_heads=LM_HEADS, max_position_embeddings=LM_SEQ)
+        model = prepare_lm_for_dp(model, lora=lora, grad_sample_mode=mode or "hooks")
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        optimizer = torch.optim.Adam(params, lr=1e-3)
+        self.ids = torch.randint(0, LM_VOCAB, (LM_BATCH, LM_SEQ), generator=make_generator(seed))
+        self.mask = torch.ones_like(self.ids)
+        criterion: Any = CausalLMLoss()
+        if mode is not None:
+            loader = DataLoader(TensorDataset(self.ids, self.mask, self.ids), batch_size=LM_BATCH)
+            model, optimizer, _, engine = make_private(
+                model, optimizer, loader, noise_multiplier=SIGMA, max_grad_norm=CLIP,
+                poisson_sampling=False, grad_sample_mode=mode, criterion=criterion,
+                noise_generator=make_generator(seed + 1))
+            criterion = engine.criterion
+        model.train()
+        self.model, self.optimizer, self.criterion = model, optimizer, criterion
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        # one expression: a local name for the logits would keep them alive during backward
+        self.criterion(self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False).logits,
+                       self.ids).backward()
+        self.optimizer.step()
+
+    def state_bytes(self) -> int:
+        """Bytes alive between steps: parameters, buffers, optimizer state and the batch."""
+        opt = getattr(self.optimizer, "original_optimizer", self.optimizer)
+        state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        return _distinct_storage_bytes([*self.model.parameters(), *self.model.buffers(), *state,
+                                        self.ids, self.mask])
+
+    def peak_bytes(self) -> tuple[int, int]:
+        """``(state, peak)``: :meth:`state_bytes` and the peak live tensor bytes of one step
+        (state + the peak of what the step allocates, :func:`peak_step_bytes`)."""
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients of the previous step alive
+        state = self.state_bytes()
+        return state, state + peak_step_bytes(self.step)
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each function; one call of each per round, in an order that
+    rotates from round to round (so every side runs first, second, ... equally often)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def _measure_lm(lora: dict | None, rounds: int) -> tuple[dict, dict, dict, int]:
+    """Step-time medians (keys ``"hooks"``, ``"ghost"``, ``"adam"``), ATen operator calls of one
+    step and ``(state, peak)`` bytes (keys ``"hooks"``, ``"ghost"``, ``None``) and the trainable
+    parameter count, for one tuning."""
+    with warnings.catch_warnings():
+        # Opacus's notices (secure RNG off; RDP orders; its backward hooks on a first layer whose
+        # input needs no gradient, as with LoRA) and PEFT asking transformers for a deprecated
+        # attribute when it wraps the model
+        warnings.filterwarnings("ignore", message=".*(Secure RNG|Optimal order)")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated")
+        setups = {m: _LMSetup(m, lora) for m in (*LM_MODES, None)}
+        for s in setups.values():
+            for _ in range(3):  # Adam state, lazily built buffers and hooks
+                s.step()
+        times = _time_interleaved({m or "adam": s.step for m, s in setups.items()}, rounds)
+        ops = {m: sum(count_ops(s.step).values()) for m, s in setups.items()}
+        mem = {m: s.peak_bytes() for m, s in setups.items()}
+    return times, ops, mem, setups[None].trainable
+
+
+def _bench_lm(repeats: int) -> list[BenchRow]:
+    """The tiny-Llama rows: step time and peak memory of DP-Adam (hooks, ghost) over Adam."""
+    rounds = repeats * LM_ROUNDS_PER_REPEAT
+    threads = torch.get_num_threads()
+    time_rows, peak_rows = [], []
+    for tuning in LM_TUNINGS:
+        t, ops, mem, trainable = _measure_lm(None if tuning == "full" else LM_LORA, rounds)
+        psg = LM_BATCH * trainable * 4  # one full set of float32 per-sample gradients
+        shape = (f"Llama {LM_LAYERS} layers, hidden {LM_HIDDEN}, vocab {LM_VOCAB}, "
+                 f"{trainable:,} trainable parameters ({tuning}), batch {LM_BATCH} x {LM_SEQ} tokens")
+        for mode in LM_MODES:
+            time_rows.append(BenchRow(
+                NAME, lm_time_row(mode, tuning), t[mode], t["adam"], "s", target=None,
+                note=(f"ATen ops/step {ops[mode]} vs {ops[None]}; "
+                      f"{shape}; DP-Adam (σ={SIGMA:g}, C={CLIP:g}, no filter) vs Adam on the same "
+                      f"model, loss and batch: {t[mode] * 1e3:.1f} vs {t['adam'] * 1e3:.1f} ms "
+                      f"(hooks {t['hooks'] * 1e3:.1f}, ghost {t['ghost'] * 1e3:.1f}); medians of "
+                      f"{rounds} interleaved rounds; torch threads {threads}")))
+            (state, peak), (b_state, b_peak) = mem[mode], mem[None]
+            peak_rows.append(BenchRow(
+                NAME, lm_peak_row(mode, tuning), float(peak), float(b_peak), "bytes", target=None,
+                note=(f"{shape}; peak live tensor bytes of one step (state between steps + peak "
+                      f"allocated in the step, LiveStorageTracker): {peak / 2**20:.1f} MiB "
+                      f"(state {state / 2**20:.1f}) vs {b_peak / 2**20:.1f} MiB (state "
+                      f"{b_state / 2**20:.1f}); hooks {mem['hooks'][1] / 2**20:.1f}, ghost "
+                      f"{mem['ghost'][1] / 2**20:.1f} MiB; one full set of per-sample gradients "
+                      f"of the trainable parameters = {psg / 2**20:.1f} MiB")))
+    return time_rows + peak_rows
+
+
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 
 
 @register_benchmark(NAME, "DP filters (DOPPLER, DiSK) and the make_private façade vs Opacus: "
-                          "step time, filter state, DiSK peak memory")
+                          "step time, filter state, DiSK peak memory; a tiny Llama's DP step and peak "
+                          "memory over non-private, hooks vs ghost clipping, full vs LoRA")
 def bench_privacy(repeats: int = 7) -> list[BenchRow]:
     data = load_digits_split(random_state=0)
     x, y = data.x_train, data.y_train
@@ -406,4 +605,7 @@ def bench_privacy(repeats: int = 7) -> list[BenchRow]:
                   f"{peaks['ours'] / full_set:.2f} (ours) vs {peaks['stash'] / full_set:.2f} "
                   f"(stash) full sets; a one-evaluation DP-Adam step: "
                   f"{peaks['dp-adam'] / full_set:.2f}")))
+
+    # --- a tiny Llama: DP-Adam over Adam, hooks vs ghost, full fine-tuning vs LoRA -------------
+    rows += _bench_lm(repeats)
     return rows

@@ -193,7 +193,7 @@ def test_underflow_warn_raise_ignore():
     att = KernelAttention(8, 1, kernel="gaussian")
     with torch.no_grad():
         att.W_Q.weight.mul_(100.0)  # huge queries: every exp(-|q-k|^2/(2 sqrt d)) underflows
-    with pytest.warns(RuntimeWarning, match=r"8 of 8 Gaussian attention rows underflowed"):
+    with pytest.warns(RuntimeWarning, match=r"8 of 8 Gaussian attention rows vanished"):
         out = att(x)
     assert att.last_underflow_rows == 8 and torch.all(out == 0)
     att.on_underflow = "raise"
@@ -217,6 +217,14 @@ def test_count_underflow_rows_ignores_fully_masked_rows():
     assert count_underflow_rows(s, mask) == 1
     additive = torch.zeros(3, 2, dtype=DT).masked_fill(~mask, float("-inf"))
     assert count_underflow_rows(s, additive) == 1
+
+
+def test_count_underflow_rows_flags_rows_below_machine_epsilon():
+    """Rows of tiny but non-zero weights carry no gradient at working precision: flagged too."""
+    eps = torch.finfo(DT).eps
+    s = torch.tensor([[1e-18, 1e-30], [eps, 0.0], [4 * eps, 0.0], [0.5, 1e-300]], dtype=DT)
+    assert count_underflow_rows(s) == 2
+    assert count_underflow_rows(s.float()) == 3  # float32: eps 1.2e-7 covers 4 · 2.2e-16 too
 
 
 def test_kernel_attention_errors():

@@ -17,7 +17,7 @@ from tests.conftest import run_cli
     (["run", "digits-baseline", "--resume", "/x"], "do not combine it with a name"),
     (["run"], "run needs an experiment name or 'all'"),
     (["report", "/nonexistent/run"], "run directory not found"),
-    (["bench", "nope"], "unknown benchmark 'nope'; choose from: advunlearn, alignment, contrastive, digits, dno, privacy, sltrain, unlearning, all"),
+    (["bench", "nope"], "unknown benchmark 'nope'; choose from: advunlearn, alignment, attention, contrastive, digits, dno, privacy, sltrain, unlearning, all"),
     (["bench", "digits", "--repeats", "0"], "--repeats must be >= 1"),
     (["frobnicate"], "invalid choice"),
 ])

@@ -24,9 +24,11 @@ logits; ``-inf`` removes a key). Removed entries are exactly 0 in ``S``; a row w
 removed is all zeros (never NaN) for every kernel. For the unnormalised Gaussian kernel a finite
 additive mask value ``a`` multiplies the entry by ``exp(a)``.
 
-Underflow: an unnormalised Gaussian row whose kept entries are all numerically zero (every entry
-``<= torch.finfo(dtype).tiny``: ‖q_j - k_l‖²·scale/2 above ~708 in float64, ~87 in float32) gives
-a zero output for that query and no gradient through it. :class:`KernelAttention` counts such rows
+Underflow: an unnormalised Gaussian row whose kept entries are all at or below machine epsilon
+(every entry ``<= torch.finfo(dtype).eps``: ‖q_j - k_l‖²·scale/2 above ~36 in float64, ~16 in
+float32) gives a numerically zero output for that query and no usable gradient through it, whether
+or not the entries reached exact zero (GD stalled with gradient norms ~1e-30 at rows summing to
+~1e-18, which an exact-zero test missed). :class:`KernelAttention` counts such rows
 on every forward (``last_underflow_rows``) and warns (``on_underflow="warn"``, the default), raises
 :class:`AttentionUnderflowError` (``"raise"``) or stays quiet (``"ignore"``, no device sync).
 
@@ -167,14 +169,16 @@ def attention_scores(
 
 
 def count_underflow_rows(scores: torch.Tensor, mask: torch.Tensor | None = None) -> int:
-    """Number of rows of ``scores (..., n, m)`` that underflowed: every kept entry is
-    ``<= torch.finfo(dtype).tiny`` while the row has at least one kept key.
+    """Number of rows of ``scores (..., n, m)`` that vanished: every kept entry is
+    ``<= torch.finfo(dtype).eps`` (a row of unnormalised Gaussian weights that small carries no
+    signal and no gradient at working precision, whether or not it reached exact zero) while the
+    row has at least one kept key.
 
     ``mask`` is the mask passed to :func:`attention_scores` (bool ``True`` = keep, or additive
     float where ``-inf`` removes a key); rows with no kept key are fully masked, not underflowed.
     """
-    tiny = torch.finfo(scores.dtype).tiny
-    dead = (scores.detach() <= tiny).all(dim=-1)
+    eps = torch.finfo(scores.dtype).eps
+    dead = (scores.detach() <= eps).all(dim=-1)
     if mask is not None:
         keep = mask if mask.dtype == torch.bool else mask > float("-inf")
         keep = torch.broadcast_to(keep.to(scores.device), scores.shape)
@@ -191,7 +195,7 @@ class KernelAttention(nn.Module):
     d_v (default d); ``out_proj`` (``W_O``; without it ``W_O`` is None and the output has
     ``H·d_v`` features); ``bias`` on every projection; ``scale`` (default ``1/√d``);
     ``dropout`` on the attention weights in training mode; ``on_underflow`` ``"warn"`` | ``"raise"``
-    | ``"ignore"`` for all-zero unnormalised Gaussian rows (counted in ``last_underflow_rows``,
+    | ``"ignore"`` for vanished unnormalised Gaussian rows (counted in ``last_underflow_rows``,
     out of ``last_checked_rows``).
     """
 
@@ -344,7 +348,7 @@ class KernelAttention(nn.Module):
             return
         msg = (
             f"KernelAttention: {self.last_underflow_rows} of {self.last_checked_rows} Gaussian "
-            "attention rows underflowed to 0 (every exp(-‖q-k‖²·scale/2) is numerically zero), so "
+            "attention rows vanished (every exp(-‖q-k‖²·scale/2) <= machine epsilon), so "
             "those tokens get a zero output and no gradient. Use a smaller init of W_Q/W_K, a "
             "smaller scale (wider bandwidth), or normalize_rows=True."
         )

@@ -507,8 +507,12 @@ def _hessian_extreme_eigenvalue(
     op = LinearOperator((P, P), matvec=hvp, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(P)
     ncv = min(P, max(iters, 3))
+    # Below the dense-fallback size, stop Lanczos once it has used about P products (what the
+    # dense Hessian costs); ARPACK's own limit (10 P restarts) took minutes on clustered spectra.
+    maxiter = max(2, -(-P // ncv)) if P <= _DENSE_FALLBACK else None
     try:
-        vals = eigsh(op, k=1, which=which, v0=v0, ncv=ncv, tol=tol, return_eigenvectors=False)
+        vals = eigsh(op, k=1, which=which, v0=v0, ncv=ncv, tol=tol, maxiter=maxiter,
+                     return_eigenvectors=False)
     except ArpackNoConvergence as err:  # clustered extreme eigenvalues
         if P <= _DENSE_FALLBACK:
             return dense()
@@ -536,8 +540,8 @@ def min_hessian_eigenvalue(
     implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``, ``which="SA"``) with a basis of
     ``min(iters, P)`` vectors (P = number of parameters), a start vector drawn from ``seed`` and
     relative tolerance ``tol`` (0 = machine precision). The Hessian is formed densely from P
-    products when P <= 3, or when Lanczos does not converge and P <= 4096 (otherwise
-    ``RuntimeError``). Every parameter must require grad.
+    products when P <= 3, or when Lanczos has not converged within about P products and
+    P <= 4096 (otherwise ``RuntimeError``). Every parameter must require grad.
     """
     return _hessian_extreme_eigenvalue(loss_fn, params, "SA", iters, seed, tol)
 

@@ -6,6 +6,7 @@ Importing this package registers every benchmark; ``optfm bench NAME|all`` runs 
 from optfm.bench import (  # noqa: F401  (registers the benchmarks)
     advunlearn,
     alignment,
+    attention,
     contrastive,
     digits,
     dno,

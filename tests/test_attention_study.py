@@ -280,3 +280,12 @@ def test_attention_scores_used_by_single_layer_is_the_shared_kernel():
     m = SingleLayer(4, 3, kernel="gaussian", normalize_rows=True, scale=0.3, seed=0)
     ref = attention_scores(X @ m.W_Q, X @ m.W_K, kernel="gaussian", normalize_rows=True, scale=0.3)
     torch.testing.assert_close(m.attention_matrix(X)[:, 0], ref)
+
+
+def test_hessian_eigenvalues_of_a_vanishing_hessian_are_zero():
+    """A numerically zero Hessian (e.g. every Gaussian row vanished) gives 0.0, not ARPACK's
+    "starting vector is zero" error."""
+    w = torch.randn(10, 10, dtype=torch.float64, requires_grad=True)
+    loss_fn = lambda: (w.sum() * 0.0) ** 2  # noqa: E731
+    assert min_hessian_eigenvalue(loss_fn, [w]) == 0.0
+    assert max_hessian_eigenvalue(loss_fn, [w]) == 0.0

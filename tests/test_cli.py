@@ -7,7 +7,7 @@ from tests.conftest import run_cli
 
 
 @pytest.mark.parametrize(("argv", "msg"), [
-    (["run", "nope"], "unknown experiment 'nope'; choose from: alignment, concept-erasure, contrastive, digits-baseline"),
+    (["run", "nope"], "unknown experiment 'nope'; choose from: alignment, attention, concept-erasure, contrastive, digits-baseline"),
     (["run", "digits-baseline", "--set", "foo=1"], "unknown config key 'foo'; allowed keys: seed"),
     (["run", "digits-baseline", "--set", "steps=abc"], "--set steps='abc': expected int"),
     (["run", "digits-baseline", "--set", "steps"], "--set expects key=value"),

@@ -467,7 +467,7 @@ def _hessian_extreme_eigenvalue(
     seed: int,
     tol: float,
 ) -> float:
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
     params = list(params)
     if not params:
@@ -506,6 +506,8 @@ def _hessian_extreme_eigenvalue(
         return dense()
     op = LinearOperator((P, P), matvec=hvp, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(P)
+    if not np.any(hvp(v0)):  # H v0 = 0 for a random v0: the Hessian vanishes (e.g. every
+        return 0.0           # Gaussian row underflowed); ARPACK would fail on a zero vector
     ncv = min(P, max(iters, 3))
     # Below the dense-fallback size, stop Lanczos once it has used about P products (what the
     # dense Hessian costs); ARPACK's own limit (10 P restarts) took minutes on clustered spectra.
@@ -513,7 +515,7 @@ def _hessian_extreme_eigenvalue(
     try:
         vals = eigsh(op, k=1, which=which, v0=v0, ncv=ncv, tol=tol, maxiter=maxiter,
                      return_eigenvectors=False)
-    except ArpackNoConvergence as err:  # clustered extreme eigenvalues
+    except (ArpackNoConvergence, ArpackError) as err:  # clustered extreme eigenvalues
         if P <= _DENSE_FALLBACK:
             return dense()
         raise RuntimeError(

@@ -6,6 +6,7 @@ Importing this package registers every experiment.
 
 from optfm.experiments import (  # noqa: F401  (register)
     alignment,
+    attention,
     concept_erasure,
     contrastive,
     digits_baseline,

@@ -13,6 +13,7 @@ from optfm.experiments import (  # noqa: F401  (register)
     dno,
     dp_audit,
     dp_filters,
+    dp_text,
     sltrain,
     sltrain_memory,
     unlearning,

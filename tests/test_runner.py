@@ -86,6 +86,9 @@ def test_resume_after_crash_skips_finished_arms(tmp_path, counter):
     resume_run(d, verbose=False)
     assert CALLS == ["a2", "a3"]
     assert is_complete(d) and read_json(d / "metrics.json")["total"] == 14
+    # arms_time_s counts the arms of both processes (wall_time_s only the resuming one)
+    elapsed = sum(read_json(p)["elapsed_s"] for p in (d / "arms").glob("*.json"))
+    assert read_json(d / "metrics.json")["arms_time_s"] == pytest.approx(elapsed, abs=2e-3)
 
 
 def test_two_runs_in_one_second_get_distinct_dirs(tmp_path, counter):

@@ -185,6 +185,7 @@ def _execute(exp_cls: type[Experiment], cfg: ExperimentConfig, run_dir: Path, pr
     arms_dir = run_dir / "arms"
     arms_dir.mkdir(exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    arm_seconds = 0.0  # every arm's own run time, also those finished by an earlier process
     t_start = time.perf_counter()
     with limit_threads(cfg.threads or None), warnings.catch_warnings():
         for msg in _HARMLESS_WARNINGS:
@@ -195,13 +196,16 @@ def _execute(exp_cls: type[Experiment], cfg: ExperimentConfig, run_dir: Path, pr
         for arm in arms:
             path = arms_dir / f"{arm.key}.json"
             if path.is_file():
-                results[arm.key] = read_json(path)["result"]
+                stored = read_json(path)
+                results[arm.key] = stored["result"]
+                arm_seconds += float(stored.get("elapsed_s", 0.0))
                 done += 1
                 bar.update(1)
                 continue
             t0 = time.perf_counter()
             result = exp.run_arm(cfg, arm, ctx)
             elapsed = time.perf_counter() - t0
+            arm_seconds += elapsed
             atomic_write_json(path, {"arm": arm.key, "params": arm.params, "elapsed_s": elapsed,
                                      "result": result})
             results[arm.key] = read_json(path)["result"]  # exactly what a resume would see
@@ -212,7 +216,8 @@ def _execute(exp_cls: type[Experiment], cfg: ExperimentConfig, run_dir: Path, pr
             _log(verbose, f"{exp_cls.name}: {done} finished arm(s) loaded, {len(arms) - done} run")
         outcome = exp.finalize(cfg, results, ctx)
     metrics = _check_metrics(outcome.metrics, exp_cls.name)
-    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 3)
+    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 3)  # this process only
+    metrics["arms_time_s"] = round(arm_seconds, 3)  # survives a resume
     atomic_write_json(run_dir / "metrics.json", metrics)
     header = (
         f"# {exp_cls.name}\n\n"

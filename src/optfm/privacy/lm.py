@@ -203,7 +203,10 @@ def prepare_lm_for_dp(model: nn.Module, *, lora: Any = None, train_norms: bool |
     if lora is not None:
         import peft
 
-        model = peft.get_peft_model(model, _lora_config(lora))
+        with warnings.catch_warnings():  # PEFT reads a transformers-5-deprecated attribute
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                    category=FutureWarning)
+            model = peft.get_peft_model(model, _lora_config(lora))
     for m in model.modules():
         flag = train_norms if _is_norm(m) else train_embeddings if isinstance(m, nn.Embedding) else None
         if flag is not None:

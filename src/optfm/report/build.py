@@ -122,15 +122,16 @@ def build_report(run_dirs: Iterable[str | os.PathLike] | None = None, *,
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [f"# optfm report\n\nGenerated {now} from {len(runs)} run(s).\n"]
     if runs:
-        head += ["| experiment | profile | seed | run | wall time (s) | git revision |",
-                 "|---|---|---|---|---|---|"]
+        head += ["| experiment | profile | seed | run | wall time (s) | arms time (s) | git revision |",
+                 "|---|---|---|---|---|---|---|"]
         for d in runs:
             cfg = read_json(d / "config.json")
             met = read_json(d / "metrics.json")
-            wall = met.get("wall_time_s")
+            wall, arms = met.get("wall_time_s"), met.get("arms_time_s")
             head.append(
                 f"| {cfg['experiment']} | {cfg.get('profile', '?')} | {cfg.get('seed', '?')} | "
-                f"`{d}` | {wall if wall is not None else '?'} | `{cfg.get('git_revision') or '?'}` |")
+                f"`{d}` | {wall if wall is not None else '?'} | {arms if arms is not None else '?'} "
+                f"| `{cfg.get('git_revision') or '?'}` |")
     else:
         head.append(f"No complete runs found under `{runs_root}`. Run `optfm run all` first.")
     if incomplete:

@@ -66,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optfm.data._checks import check_int as _check_int
+
 __all__ = [
     "SLOTS",
     "SLOT_VALUES",
@@ -566,17 +568,3 @@ def load_e2e_csv(path: str | os.PathLike) -> list[E2EExample]:
             if ref:
                 refs.append(ref)
     return [E2EExample(mr, refs) for mr, refs in groups.items()]
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return int(value)

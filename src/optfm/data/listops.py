@@ -63,7 +63,6 @@ data. Pure Python; torch is imported only to build tensors.
 from __future__ import annotations
 
 import csv
-import numbers
 import os
 import random
 from collections import Counter
@@ -71,6 +70,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from optfm.data._checks import check_int as _check_int
 
 __all__ = [
     "END",
@@ -454,17 +455,3 @@ def load_listops_tsv(path: str | os.PathLike) -> list[tuple[str, int]]:
                                  f"but the file says {label}")
             out.append((expr, label))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return int(value)

@@ -318,6 +318,8 @@ class EMC2Negatives:
     ``proposal_ids`` (2b,) and ``start_ids`` (b,) are the data-set indices of the in-batch views and
     of the carried-over states; ``sample_ids[a, r, p]`` is the data-set index of the chain state.
     ``weights[a * b + r, t]`` counts how often table row t was recorded for anchor r of view a.
+    ``loss_matrix`` M (2b, T): Σ_r <z_r, (M table)_r> = (1/2b) Σ_r [mean_recorded <z_r, z_neg> −
+    <z_r, z_r⁺>] (rows of ``weights`` normalised to 1/(2b), minus 1/(2b) at each row's positive).
     """
 
     positions: torch.Tensor
@@ -327,6 +329,7 @@ class EMC2Negatives:
     proposal_ids: torch.Tensor
     start_ids: torch.Tensor
     weights: torch.Tensor
+    loss_matrix: torch.Tensor
 
     @property
     def sample_ids(self) -> torch.Tensor:
@@ -355,6 +358,8 @@ class EMC2State:
         self.n, self.beta, self.burn_in, self.scan = n, float(beta), float(burn_in), scan
         self.cur_idx = torch.full((n,), -1, dtype=torch.long)  # on the CPU, where the scan runs
         self.cur_score = torch.zeros(n)
+        # NumPy views of the same memory (the scan's side; torch and NumPy see every write)
+        self._idx_np, self._score_np = self.cur_idx.numpy(), self.cur_score.numpy()
         self.last_acceptance_rate = float("nan")
 
     @property
@@ -397,16 +402,15 @@ class EMC2State:
         # e = -log u ~ Exp(1): accept iff score < s + e / β  <=>  u < exp(β (s - score))
         e = torch.rand((2, b, 2 * b), generator=generator, device=gen_device)
         e = e.log_().neg_().cpu().numpy()
-        index_cpu = torch.from_numpy(index_np)
-        start = self.cur_idx[index_cpu].numpy()
-        score = self.cur_score[index_cpu].numpy()
+        start = self._idx_np[index_np]
+        score = self._score_np[index_np]
         score[start < 0] = -np.inf  # the first proposal of a new chain is always accepted
         rec, recorded, weights, pos, score, accepted, n_valid = self._chains_fn()(
             sims, e, index_np, score, self.beta, self.burn_in)
         n_prop = 2 * b
         owner = np.concatenate([index_np, index_np])
-        self.cur_idx[index_cpu] = torch.from_numpy(np.where(pos >= 0, owner[pos.clip(min=0)], start))
-        self.cur_score[index_cpu] = torch.from_numpy(score)
+        self._idx_np[index_np] = np.where(pos >= 0, owner[pos.clip(min=0)], start)
+        self._score_np[index_np] = score
         self.last_acceptance_rate = accepted / (2 * n_valid)
         logger.debug("EMC2 acceptance rate %.4f", self.last_acceptance_rate)
 
@@ -433,12 +437,16 @@ class EMC2State:
             np.add.at(table_weights, (carried_rows, carried_col[carried_rows % b]),
                       weights[carried_rows, n_prop])
 
+        rows = np.arange(2 * b)
+        loss_matrix = table_weights / (table_weights.sum(axis=1, keepdims=True) * (2 * b))
+        loss_matrix[rows, (rows + b) % (2 * b)] -= np.float32(1.0 / (2 * b))
+
         def out(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device)
 
         return EMC2Negatives(out(positions), out(recorded).expand(2, b, n_prop),
                              out(extra_indices), self.last_acceptance_rate, out(owner), out(start),
-                             out(np.ascontiguousarray(table_weights)))
+                             out(np.ascontiguousarray(table_weights)), out(loss_matrix))
 
     def loss(
         self,
@@ -454,7 +462,7 @@ class EMC2State:
         ``embed_fn(indices) -> (m, d)`` embeds un-augmented samples; it is required only when a
         recorded carried-over state is not in the batch (``ValueError`` otherwise).
         """
-        b = _check_views(z1, z2)
+        _check_views(z1, z2)
         z_all = _normalize(torch.cat([z1, z2]), normalize)
         neg = self.sample_negatives(z_all, index, generator, normalize=False)
         table = z_all
@@ -471,12 +479,9 @@ class EMC2State:
                     f"got {tuple(extra.shape)}"
                 )
             table = torch.cat([z_all, _normalize(extra.to(z_all), normalize)])
-        # mean over the recorded negatives of <z_anchor, z_neg> = <z_anchor, W table / |W|>
-        weights = neg.weights.to(z_all.dtype)
-        mean_neg = (weights @ table) / weights.sum(dim=1, keepdim=True)  # (2b, d)
-        neg_term = (z_all * mean_neg).sum(dim=1)
-        pos_term = (z_all[:b] * z_all[b:]).sum(dim=1)  # the same for both anchor views
-        return self.beta * (neg_term.mean() - pos_term.mean())
+        # L = β Σ_r <z_r, (M table)_r>: one matmul (few small ops, cheap backward); gradients flow
+        # into anchors, positives and negatives alike
+        return self.beta * (z_all * (neg.loss_matrix.to(z_all) @ table)).sum()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"cur_idx": self.cur_idx.cpu().clone(), "cur_score": self.cur_score.cpu().clone()}
@@ -487,8 +492,8 @@ class EMC2State:
             raise ValueError(f"state_dict: cur_idx and cur_score must have shape ({self.n},)")
         if int(idx.min()) < -1 or int(idx.max()) >= self.n:
             raise ValueError(f"state_dict: cur_idx values must lie in [-1, {self.n - 1}]")
-        self.cur_idx = idx.clone().to(self.cur_idx.device, torch.long)
-        self.cur_score = score.clone().to(self.cur_score.device, self.cur_score.dtype)
+        self.cur_idx.copy_(idx)  # in place: the NumPy views stay valid
+        self.cur_score.copy_(score)
 
 
 def exact_gcl(

@@ -86,7 +86,7 @@ def test_conv1d_grad_sampler_matches_per_example_autograd(shape, train_bias):
         torch.testing.assert_close(got[k], ref[k], **TOL)
 
 
-@pytest.mark.parametrize("shape", [(4, 5), (4, 6, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("shape", [(4, 5), (4, 6, 5), (4, 2, 3, 5)], ids=["2d", "3d", "4d"])
 def test_conv1d_ghost_norm_sampler_matches_per_example_norms(shape):
     layer = _conv1d()
     register_transformers_grad_samplers()

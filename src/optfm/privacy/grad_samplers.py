@@ -79,13 +79,15 @@ def compute_conv1d_grad_sample(layer: nn.Module, activations: list[torch.Tensor]
 def compute_conv1d_norm_sample(layer: nn.Module, activations: list[torch.Tensor],
                                backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient norms of ``Conv1D`` for ghost clipping: Opacus's ``nn.Linear`` norm
-    sampler, which is exact here because ``‖Mᵀ‖_F = ‖M‖_F``."""
+    sampler, which is exact here because ``‖Mᵀ‖_F = ‖M‖_F``. Inputs with several middle
+    dimensions (B, ..., in) are flattened to (B, T, in): the per-sample gradient sums over them."""
     from opacus.grad_sample.linear import compute_linear_norm_sample
 
-    if backprops.dim() not in (2, 3):
-        raise NotImplementedError(f"Conv1D ghost norms need inputs of shape (B, in) or (B, T, in), "
-                                  f"got output gradients of shape {tuple(backprops.shape)}")
-    return compute_linear_norm_sample(layer, activations, backprops)
+    a = activations[0]
+    if backprops.dim() > 3:
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        backprops = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1])
+    return compute_linear_norm_sample(layer, [a], backprops)
 
 
 def compute_rms_norm_grad_sample(layer: nn.Module, activations: list[torch.Tensor],
